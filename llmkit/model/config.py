@@ -1,0 +1,67 @@
+"""The model's typed configuration (no torch import: the CLI validates it before loading torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from llmkit.errors import UserError
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only Transformer: GPT-2 style or Llama style through a few switches."""
+
+    name: str = "tiny"
+    vocab_size: int = 4096
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # None: same as n_head (multi-head); fewer: grouped-query
+    d_model: int = 256
+    d_ff: Optional[int] = None  # None: 4*d (gelu) or 8/3*d rounded up to 64 (swiglu)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos: str = "learned"  # learned | rope
+    mlp: str = "gelu"  # gelu | swiglu
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key, value, choices in (("norm", self.norm, NORMS), ("pos", self.pos, POSITIONS), ("mlp", self.mlp, MLPS)):
+            if value not in choices:
+                raise UserError(f"model.{key}={value!r} is not one of {', '.join(choices)}")
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.d_model % self.n_head:
+            raise UserError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise UserError(f"rope needs an even head size; d_model/n_head = {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 64 * ((8 * self.d_model // 3 + 63) // 64)
+        return 4 * self.d_model
