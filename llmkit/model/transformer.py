@@ -1,0 +1,291 @@
+"""One readable decoder-only Transformer, GPT-2 style or Llama style through `ModelConfig` switches.
+
+GPT-2 style: LayerNorm, learned positions, GELU MLP (tanh approximation, as GPT-2), tied embeddings,
+biases. Llama style: RMSNorm, rotary positions (HF Llama's rotate_half convention, so HF weights map
+without permutation), SwiGLU MLP, grouped-query attention (n_kv_head < n_head), untied or tied.
+
+Module names are a contract (PEFT swaps nn.Linear modules by name, checkpoints are keyed by them):
+tok_emb, pos_emb, drop, blocks.{i}.{attn_norm, attn.{q,k,v,o}_proj, mlp_norm, mlp.{gate,up,down}_proj},
+norm, lm_head. The model returns logits; losses are computed by the callers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmkit.errors import UserError
+from llmkit.model.config import ModelConfig
+from llmkit.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (no bias, no mean subtraction), as Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin (max_len, head_dim), each frequency repeated over the two halves (HF Llama layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by position: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, D)
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+        return F.dropout(y, dropout_p, training=True) if dropout_p else y
+
+
+class MLP(nn.Module):
+    """GELU MLP (up, gelu, down) or SwiGLU (silu(gate) * up, down)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.dropout = cfg.dropout
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        y = self.down_proj(h)
+        return F.dropout(y, self.dropout, training=True) if self.training and self.dropout else y
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: tokens (B, T) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            # Non-persistent: rebuilt from the config, so checkpoints hold only learned weights.
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """normal(0, init_std) weights, zero biases, unit norms; residual outputs scaled by 1/sqrt(2L) (GPT-2)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, RMSNorm)) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (default block_size)."""
+        cfg = self.cfg
+        max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
+        weight = self.tok_emb.weight
+        return KVCache(
+            cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim,
+            device=device or weight.device, dtype=dtype or weight.dtype,
+        )
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors once). non_embedding=True gives the N of FLOPs/token = 6N + 12LTd:
+        it drops the position embedding and, when untied, the input embedding (lookups, not matmuls);
+        a tied embedding stays counted since it is the lm_head matmul."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        positions: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V), or the final-normed hidden states (B, T, d) when return_hidden.
+
+        tokens: (B, T) ids. positions: (B, T) position ids (default arange after the cached tokens);
+        packing and left padding restart them. doc_ids: (B, T) packed-document ids; attention stays
+        causal and within one document (not with a cache). attention_mask: (B, cached + T), 1 = real
+        token, 0 = padding key. cache: a KVCache from new_cache, appended to and advanced by T.
+        """
+        B, T = tokens.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.block_size:
+            what = f"{past} cached + {T} new tokens" if past else f"sequence of {T} tokens"
+            raise UserError(f"{what} is longer than the model's context model.block_size={self.cfg.block_size}")
+        if positions is None:
+            positions = torch.arange(past, past + T, device=tokens.device).unsqueeze(0)  # (1, T)
+        x = self.tok_emb(tokens)  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.drop(x)
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D)
+        mask = self._attention_mask(B, T, past, doc_ids, attention_mask, tokens.device)
+        is_causal = mask is None and past == 0 and T > 1  # SDPA fast path; one new token after a cache needs none
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _attention_mask(
+        B: int, T: int, past: int, doc_ids: Tensor | None, attention_mask: Tensor | None, device: torch.device
+    ) -> Tensor | None:
+        """Boolean mask (B|1, 1, T, past + T), True = may attend; None when plain causal attention suffices."""
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)}, got {tuple(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: skip the explicit mask
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (packed sequences) cannot be combined with a KV cache")
+        if attention_mask is None and doc_ids is None and (past == 0 or T == 1):
+            return None
+        q_idx = torch.arange(past, past + T, device=device)
+        k_idx = torch.arange(past + T, device=device)
+        mask = (k_idx[None, :] <= q_idx[:, None])[None, None]  # (1, 1, T, S) causal
+        if doc_ids is not None:
+            mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]  # padding keys masked out
+            # A padding query may have no real key to its left: it always sees itself, so no row is all -inf (NaN).
+            mask = mask | (k_idx[None, :] == q_idx[:, None])
+        return mask
+
+
+def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+    """The parameter count that `Transformer(cfg)` has, by formula (same convention as num_params)."""
+    d, f, kv_dim, L = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim, cfg.n_layer
+    b = int(cfg.bias)
+    norm = d if cfg.norm == "rmsnorm" else d * (1 + b)
+    attn = (d * d + d * b) * 2 + (d * kv_dim + kv_dim * b) * 2  # q, o + k, v
+    n_up = 2 if cfg.mlp == "swiglu" else 1
+    mlp = n_up * (d * f + f * b) + f * d + d * b
+    tok = cfg.vocab_size * d
+    pos = cfg.block_size * d if cfg.pos == "learned" else 0
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    total = tok + pos + L * (2 * norm + attn + mlp) + norm + head
+    if non_embedding:
+        total -= pos + (0 if cfg.tie_embeddings else tok)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) per token: 6N + 12*L*T*d, N = count_params(non_embedding=True).
+
+    6N covers the weight matmuls (2 forward, 4 backward, lm_head included); 12LTd the attention
+    scores and weighted values (not halved for causality, as in the PaLM/nanoGPT MFU convention).
+    """
+    return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.n_layer * seq_len * cfg.d_model
