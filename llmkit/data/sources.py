@@ -1,0 +1,451 @@
+"""Read documents and records from the embedded corpus, local files or the Hugging Face hub.
+
+Local formats (``data.path`` is a file, a directory searched recursively, or a glob):
+
+- ``.txt``: UTF-8 text; every block of lines separated by one or more blank lines is one document
+  (line endings are normalised to ``\\n``).
+- ``.jsonl``: one JSON object per line; blank lines are skipped.
+- ``.json``: a list of objects, or an object whose ``"data"`` key holds that list.
+- ``.csv``: a header row, then one record per row (read with the ``csv`` module).
+- ``.parquet``: one record per row (read with pyarrow).
+
+Every problem raises :class:`~llmkit.errors.UserError` naming the file, the line (row for
+parquet) and the field, and saying what to do. :func:`iter_records` is the reusable reader for
+record files (instruction data, preference pairs): it checks that required fields are present,
+non-null and, where asked, strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from llmkit.data.config import CorpusConfig
+from llmkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt",)
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_WS = re.compile(r"\s*")
+_BOM = "\ufeff"
+_REPLACEMENT = "\ufffd".encode()
+
+
+@dataclass
+class ReadStats:
+    """What a read saw: files opened, documents yielded, U+FFFD substitutions, field names seen."""
+
+    files: int = 0
+    documents: int = 0
+    replaced: int = 0  # invalid UTF-8 sequences replaced (encoding_errors=replace)
+    fields: set[str] = field(default_factory=set)
+
+
+class Record(NamedTuple):
+    """One record and where it came from: ``line`` is 1-based (the row number for parquet and hub)."""
+
+    file: str
+    line: int
+    data: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        """``file:line`` (or ``file row N``) for error messages."""
+        return f"{self.file}:{self.line}" if _line_based(self.file) else f"{self.file} row {self.line}"
+
+
+def _line_based(file: str) -> bool:
+    return file.endswith((".jsonl", ".json", ".csv", ".txt"))
+
+
+# ---------------------------------------------------------------- corpus documents
+
+
+def iter_documents(cfg: CorpusConfig, stats: ReadStats | None = None) -> Iterator[str]:
+    """The corpus's non-empty documents in a fixed order, at most ``cfg.max_documents`` of them.
+
+    Raises UserError for unreadable input, and for an empty corpus once the sources are exhausted.
+    """
+    stats = stats if stats is not None else ReadStats()
+    if cfg.source == "embedded":
+        from llmkit.data.embedded import embedded_documents
+
+        docs: Iterable[str] = embedded_documents()
+        origin = "the embedded corpus"
+    elif cfg.source == "files":
+        docs = _file_documents(cfg, stats)
+        origin = f"data.path={cfg.path}"
+    else:
+        docs = _hub_documents(cfg, stats)
+        origin = f"hub dataset data.hub_name={cfg.hub_name}"
+    for doc in docs:
+        if not doc.strip():
+            continue
+        stats.documents += 1
+        yield doc
+        if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+            return
+    if stats.documents == 0:
+        detail = ""
+        if stats.fields:
+            detail = (
+                f"; field '{cfg.text_field}' is empty in every record (fields present: "
+                f"{', '.join(sorted(stats.fields))}): set data.text_field=<the field with the text>"
+            )
+        raise UserError(f"the corpus is empty: {origin} has no non-empty documents{detail}")
+
+
+def _file_documents(cfg: CorpusConfig, stats: ReadStats) -> Iterator[str]:
+    assert cfg.path is not None  # CorpusConfig checks this for source=files
+    hint = "set data.text_field=<one of the fields present>"
+    for path in list_data_files(cfg.path, TEXT_SUFFIXES + RECORD_SUFFIXES):
+        stats.files += 1
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            yield from _txt_documents(path, cfg.encoding_errors, stats)
+            continue
+        fields = [cfg.text_field]
+        for rec in _file_records(path, fields, fields, cfg.encoding_errors, hint, stats, only_required=True):
+            yield rec.data[cfg.text_field]
+
+
+def _txt_documents(path: Path, errors: str, stats: ReadStats) -> Iterator[str]:
+    """Blank-line-separated blocks of a text file, one document each."""
+    block: list[str] = []
+    for _, line in _decoded_lines(path, errors, stats):
+        if line.strip():
+            block.append(line.rstrip("\r\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _hub_documents(cfg: CorpusConfig, stats: ReadStats) -> Iterator[str]:
+    """Rows of a Hugging Face dataset (never running remote code), checked like local records."""
+    import datasets
+
+    where = f"hub:{cfg.hub_name}" + (f"/{cfg.hub_config}" if cfg.hub_config else "") + f"[{cfg.hub_split}]"
+    try:
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=cfg.streaming)
+    except Exception as e:  # datasets raises many types (connection, missing config, missing split)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        offline = any(
+            os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        )
+        fix = (
+            "running offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so the dataset must already be in "
+            "the Hugging Face cache: download it once with network access, or use data.source=files"
+            if offline
+            else "check data.hub_name, data.hub_config and data.hub_split, and the network connection"
+        )
+        raise UserError(f"cannot load {where}: {reason}; {fix}") from None
+    columns = getattr(ds, "column_names", None)
+    if columns and cfg.text_field not in columns:
+        raise UserError(
+            f"{where} has no column '{cfg.text_field}' (columns: {', '.join(columns)}); "
+            "set data.text_field=<one of them>"
+        )
+    hint = "set data.text_field=<one of the fields present>"
+    for i, row in enumerate(ds, 1):
+        rec = Record(where, i, dict(row))
+        _check_fields(rec, [cfg.text_field], [cfg.text_field], hint, stats)
+        yield rec.data[cfg.text_field]
+
+
+# ---------------------------------------------------------------- files and records
+
+
+def list_data_files(path: str | Path, suffixes: Sequence[str], key: str = "data.path") -> list[Path]:
+    """The data files that ``path`` names (a file, a directory searched recursively, or a glob), sorted.
+
+    ``key`` is the config key that set ``path``, named in error messages.
+    """
+    spec = os.path.expanduser(str(path))
+    kinds = ", ".join(suffixes)
+    if glob.has_magic(spec):
+        matched = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not matched:
+            raise UserError(
+                f"no files match {key}={spec}; check the pattern or set {key}=<file or directory>"
+            )
+        files = [p for p in matched if p.suffix.lower() in suffixes]
+        if not files:
+            names = ", ".join(p.name for p in matched[:5])
+            raise UserError(f"{key}={spec} matches no {kinds} files (it matches: {names})")
+        return files
+    p = Path(spec)
+    if p.is_file():
+        if p.suffix.lower() not in suffixes:
+            raise UserError(f"{key}={spec}: unsupported file type '{p.suffix}'; expected one of {kinds}")
+        return [p]
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower() in suffixes and not _hidden(f.relative_to(p))
+        )
+        if not files:
+            raise UserError(f"directory {key}={spec} holds no {kinds} files")
+        return files
+    raise UserError(f"{key}={spec} does not exist; set {key}=<an existing file, directory or glob>")
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def iter_records(
+    path: str | Path,
+    required_fields: Sequence[str],
+    *,
+    string_fields: Sequence[str] | None = None,
+    encoding_errors: str = "strict",
+    path_key: str = "data.path",
+    field_hint: str = "fix the records or name the right field in the config",
+    stats: ReadStats | None = None,
+) -> Iterator[Record]:
+    """Records of the .jsonl/.json/.csv/.parquet files that ``path`` names (file, directory or glob).
+
+    Every record has each of ``required_fields`` present and not null; those in ``string_fields``
+    (default: all required fields) are strings. Anything else raises UserError naming the file,
+    line and field; ``field_hint`` is appended as the fix for a missing or mistyped field.
+    """
+    if encoding_errors not in ("strict", "replace"):
+        raise ValueError(f"encoding_errors must be strict or replace, got {encoding_errors!r}")
+    stats = stats if stats is not None else ReadStats()
+    strings = list(required_fields if string_fields is None else string_fields)
+    for file in list_data_files(path, RECORD_SUFFIXES, key=path_key):
+        stats.files += 1
+        yield from _file_records(file, list(required_fields), strings, encoding_errors, field_hint, stats)
+
+
+def _file_records(
+    path: Path,
+    required: list[str],
+    strings: list[str],
+    errors: str,
+    hint: str,
+    stats: ReadStats,
+    only_required: bool = False,
+) -> Iterator[Record]:
+    """Checked records of one file; ``only_required`` reads just those columns of a parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        records = _parquet_records(path, required, strings, hint, required if only_required else None)
+    elif suffix == ".csv":
+        records = _csv_records(path, required, hint, errors, stats)
+    elif suffix == ".json":
+        records = _json_records(path, errors, stats)
+    else:
+        records = _jsonl_records(path, errors, stats)
+    for rec in records:
+        _check_fields(rec, required, strings, hint, stats)
+        yield rec
+
+
+def _check_fields(rec: Record, required: list[str], strings: list[str], hint: str, stats: ReadStats) -> None:
+    stats.fields.update(rec.data)
+    for name in required:
+        if name not in rec.data:
+            present = ", ".join(rec.data) or "none"
+            raise UserError(f"{rec.where}: record has no field '{name}' (fields: {present}); {hint}")
+        value = rec.data[name]
+        if value is None:
+            raise UserError(f"{rec.where}: field '{name}' is null; give it a value or drop the record")
+        if name in strings and not isinstance(value, str):
+            raise UserError(
+                f"{rec.where}: field '{name}' is {type(value).__name__} ({_preview(value)}), expected a string; {hint}"
+            )
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _decode(raw: bytes, where: str, offset: int, errors: str, stats: ReadStats) -> str:
+    """UTF-8 text of ``raw`` (which starts at byte ``offset`` of its file), per the encoding policy."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise UserError(
+                f"{where}: bytes {raw[e.start : e.end]!r} at byte offset {offset + e.start} are not valid UTF-8; "
+                "convert the file to UTF-8, or set data.encoding_errors=replace to substitute U+FFFD"
+            ) from None
+    text = raw.decode("utf-8", "replace")
+    stats.replaced += text.count("\ufffd") - raw.count(_REPLACEMENT)
+    return text
+
+
+def _decoded_lines(path: Path, errors: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(line number, text with its line ending) of a UTF-8 file, a leading BOM dropped."""
+    before, offset = stats.replaced, 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                text = _decode(raw, f"{path}:{lineno}", offset, errors, stats)
+                offset += len(raw)
+                yield lineno, text[1:] if lineno == 1 and text.startswith(_BOM) else text
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    _log_replaced(path, stats.replaced - before)
+
+
+def _log_replaced(path: Path, count: int) -> None:
+    if count:
+        log.warning(
+            "%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD (data.encoding_errors=replace)",
+            path,
+            count,
+        )
+
+
+def _jsonl_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record]:
+    for lineno, line in _decoded_lines(path, errors, stats):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                "each line of a .jsonl file must be one JSON object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object {{...}}, found {type(obj).__name__}")
+        yield Record(str(path), lineno, obj)
+
+
+def _json_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record]:
+    """Objects of a JSON list (or of ``{"data": [...]}``), with the line each one starts on."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before, line = stats.replaced, raw.count(b"\n", 0, e.start) + 1
+        text = _decode(raw, f"{path}:{line}", 0, errors, stats)  # raises under strict
+        _log_replaced(path, stats.replaced - before)
+    text = text.removeprefix(_BOM)
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    shape = 'a .json file must hold a list of objects, or {"data": [list of objects]}'
+    if isinstance(top, dict):
+        if not isinstance(top.get("data"), list):
+            raise UserError(
+                f'{path}: the top-level object has no "data" list (keys: {", ".join(top) or "none"}); {shape}'
+            )
+        items, start = top["data"], _data_array_start(text)
+    elif isinstance(top, list):
+        items, start = top, _WS.match(text).end()
+    else:
+        raise UserError(f"{path}: the top level is {type(top).__name__}; {shape}")
+    line, pos = 1, 0
+    for obj, item_pos in zip(items, _array_item_starts(text, start), strict=True):
+        line += text.count("\n", pos, item_pos)
+        pos = item_pos
+        if not isinstance(obj, dict):
+            raise UserError(
+                f"{path}:{line}: expected a JSON object {{...}}, found {type(obj).__name__}; {shape}"
+            )
+        yield Record(str(path), line, obj)
+
+
+def _data_array_start(text: str) -> int:
+    """Offset of the ``[`` of the (last) top-level "data" key's value in valid JSON text."""
+    dec = json.JSONDecoder()
+    i, found = _WS.match(text, _WS.match(text).end() + 1).end(), -1
+    while text[i] != "}":
+        key, i = dec.raw_decode(text, i)
+        i = _WS.match(text, _WS.match(text, i).end() + 1).end()  # past the colon
+        if key == "data":
+            found = i
+        _, i = dec.raw_decode(text, i)
+        i = _WS.match(text, i).end()
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()
+    assert found >= 0, "caller checked that a data list exists"
+    return found
+
+
+def _array_item_starts(text: str, i: int) -> Iterator[int]:
+    """Offsets where the items of the valid JSON array starting at ``text[i] == '['`` begin."""
+    dec = json.JSONDecoder()
+    i = _WS.match(text, i + 1).end()
+    while text[i] != "]":
+        yield i
+        _, i = dec.raw_decode(text, i)
+        i = _WS.match(text, i).end()
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()
+
+
+def _csv_records(
+    path: Path, required: list[str], hint: str, errors: str, stats: ReadStats
+) -> Iterator[Record]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents can be longer than the 128 KiB default
+    reader = csv.reader(line for _, line in _decoded_lines(path, errors, stats))
+    header: list[str] | None = None
+    start = 1
+    try:
+        for row in reader:
+            if header is None:
+                header = [h.strip() for h in row]
+                missing = [name for name in required if name not in header]
+                if missing:
+                    raise UserError(
+                        f"{path}:1: no column '{missing[0]}' in the CSV header (columns: {', '.join(header)}); {hint}"
+                    )
+            elif row:
+                if len(row) != len(header):
+                    raise UserError(
+                        f"{path}:{start}: row has {len(row)} values but the header has {len(header)} columns; "
+                        "quote values that contain commas or newlines"
+                    )
+                yield Record(str(path), start, dict(zip(header, row, strict=True)))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    if header is None:
+        raise UserError(f"{path}: the CSV file is empty; it needs a header row naming its columns")
+
+
+def _parquet_records(
+    path: Path, required: list[str], strings: list[str], hint: str, columns: list[str] | None
+) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"cannot read {path} as parquet: {e}") from None
+    schema = pf.schema_arrow
+    for name in required:
+        if name not in schema.names:
+            raise UserError(f"{path}: no column '{name}' (columns: {', '.join(schema.names)}); {hint}")
+        kind = schema.field(name).type
+        if name in strings and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: column '{name}' holds {kind}, expected strings; {hint}")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        for data in batch.to_pylist():
+            row += 1
+            yield Record(str(path), row, data)
