@@ -1,0 +1,124 @@
+"""The `llmkit` command line: one short function per command.
+
+Each command takes an optional recipe and Hydra overrides, composes its typed config and
+hands it to `llmkit.commands.<name>.run`. Heavy imports (torch, hydra) happen only after
+the command is chosen, so `llmkit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="llmkit: tokenize, pretrain, fine-tune, align, evaluate and sample language models from one CLI.\n\n"
+    "Usage: llmkit <command> [RECIPE] key=value ...  (RECIPE: a name from `llmkit recipes` or a .yaml path)",
+)
+
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+ARGS = typer.Argument(None, help="[RECIPE] then Hydra overrides: key=value, +key=value, ~key", show_default=False)
+PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+
+COMMANDS = {
+    "tokenize": "Train a byte-level BPE tokenizer and encode a corpus into token shards.",
+    "pretrain": "Pretrain a causal language model (default: a small model on the embedded corpus).",
+    "sft": "Supervised fine-tuning on instruction data with assistant-only loss.",
+    "peft": "Parameter-efficient fine-tuning (LoRA and family) with a frozen base.",
+    "reward": "Train a reward model on preference pairs (Bradley-Terry).",
+    "ppo": "Align a policy with PPO against a reward model or rule, with a KL penalty.",
+    "dpo": "Align a policy directly from preference pairs (DPO / IPO).",
+    "evaluate": "Held-out loss, perplexity and bits per byte of runs or checkpoints, side by side.",
+    "generate": "Sample text from a run or checkpoint (temperature, top-k, top-p, stop strings).",
+}
+
+
+def run_command(command: str, args: list[str] | None, print_config: bool) -> None:
+    """Compose the config, then run the command; user errors become one line and exit code 2."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    try:
+        code = _run(command, list(args or []), print_config)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        code = 130
+    except Exception as error:
+        code = _report(error, console)
+    raise typer.Exit(code)
+
+
+def _run(command: str, args: list[str], print_config: bool) -> int:
+    from llmkit.config.compose import compose, schema_for
+
+    try:
+        schema_for(command)
+        module = importlib.import_module(f"llmkit.commands.{command}")
+    except (KeyError, ModuleNotFoundError):
+        from llmkit.errors import UserError
+
+        raise UserError(f"`llmkit {command}` is not built yet in this version; see README.md for what ships") from None
+    recipe = args[0] if args and "=" not in args[0] and not args[0].startswith("~") else None
+    overrides = args[1:] if recipe else args
+    cfg, resolved_yaml = compose(command, recipe, overrides)
+    if print_config:
+        typer.echo(resolved_yaml, nl=False)
+        return 0
+    result = module.run(cfg, resolved_yaml)
+    return int(result or 0)
+
+
+def _report(error: Exception, console) -> int:
+    """Print a known error as one message; unknown ones as an internal error (traceback with LLMKIT_DEBUG=1)."""
+    from llmkit.errors import InterruptedRun, UserError
+
+    if os.environ.get("LLMKIT_DEBUG") == "1":
+        console.print_exception()
+    if isinstance(error, InterruptedRun):
+        console.print(str(error), markup=False)
+        return error.exit_code
+    if isinstance(error, UserError):
+        console.print(f"error: {error}", style="red", markup=False)
+        return error.exit_code
+    if isinstance(error, MemoryError):
+        console.print("error: out of memory; lower train.micro_batch_size or the model size", style="red", markup=False)
+        return 1
+    console.print(f"internal error: {type(error).__name__}: {error} (set LLMKIT_DEBUG=1 for the traceback)",
+                  style="red", markup=False)
+    return 1
+
+
+def _make_command(name: str, description: str):
+    def command(args: list[str] | None = ARGS, print_config: bool = PRINT_CONFIG) -> None:
+        run_command(name, args, print_config)
+
+    command.__doc__ = description
+    app.command(name, context_settings=PASSTHROUGH, help=description)(command)
+
+
+for _name, _description in COMMANDS.items():
+    _make_command(_name, _description)
+
+
+@app.command("recipes")
+def recipes() -> None:
+    """List the recipes that ship with llmkit, with the command each is for."""
+    from llmkit.config.compose import list_recipes, recipe_command
+
+    for name in list_recipes():
+        typer.echo(f"{name:40s} llmkit {recipe_command(name) or '?'} {name}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="llmkit", args=sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

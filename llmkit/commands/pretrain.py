@@ -1,0 +1,68 @@
+"""`llmkit pretrain`: causal language modelling; with no arguments, a small model on the embedded corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+from llmkit.commands.common import build_model, check_tokenizer_fits, load_trained, start_run
+from llmkit.config.schema import PretrainConfig
+from llmkit.data.lm import TokenWindows
+from llmkit.data.prepare import describe, prepare_tokens
+from llmkit.data.shards import load_shard, read_meta
+from llmkit.errors import UserError
+from llmkit.model.transformer import flops_per_token
+from llmkit.tokenizer.bpe import load_tokenizer
+from llmkit.train import checkpoint as ckpt
+from llmkit.train.loop import Trainer, TrainSpec
+from llmkit.train.objectives import CausalLM
+
+
+def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
+    runtime, run_dir = start_run("pretrain", cfg, resolved_yaml)
+    tokens_dir = Path(cfg.tokens_dir) if cfg.tokens_dir else _cached_tokens(cfg, runtime)
+    meta = read_meta(tokens_dir)
+    tokenizer = load_tokenizer(tokens_dir / "tokenizer.json")
+    check_tokenizer_fits(tokenizer.get_vocab_size(), cfg.model, str(tokens_dir))
+    seq_len = cfg.train.seq_len or cfg.model.block_size
+    if seq_len > cfg.model.block_size:
+        raise UserError(f"train.seq_len={seq_len} is longer than the model's context model.block_size="
+                        f"{cfg.model.block_size}; lower train.seq_len or raise model.block_size")
+    train_set = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=cfg.train.seed)
+    val_set = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False)
+    model = build_model(cfg.model, cfg.train.seed)
+    if cfg.init_from:
+        source = load_trained(cfg.init_from)
+        ckpt.load_weights(model, source.model.state_dict(), source.checkpoint)
+    if runtime.is_main:
+        shutil.copyfile(tokens_dir / "tokenizer.json", run_dir / "tokenizer.json")
+        print(f"model: {cfg.model.name}, {model.num_params() / 1e6:.2f}M parameters; data: {meta['train_tokens']} "
+              f"train / {meta['val_tokens']} val tokens; run directory: {run_dir}")
+    spec = TrainSpec(
+        command="pretrain", model=model, objective=CausalLM(), train_set=train_set, val_set=val_set, run_dir=run_dir,
+        meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokenizer": "tokenizer.json"},
+        flops_per_token=flops_per_token(cfg.model, seq_len), files={"tokenizer.json": tokens_dir / "tokenizer.json"},
+    )
+    result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
+    if runtime.is_main:
+        if result.last_val is not None:
+            print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
+                  f"(perplexity {math.exp(min(result.last_val, 50)):.1f})")
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"next: llmkit generate run={run_dir} prompt='Return the'   |   llmkit evaluate runs=[{run_dir}]")
+    return 0
+
+
+def _cached_tokens(cfg: PretrainConfig, runtime) -> Path:
+    """Tokenise the configured corpus once (main process) and share the cached shards."""
+    path = None
+    if runtime.is_main:
+        path, stats = prepare_tokens(cfg.data, cfg.tokenizer)
+        if stats is not None:
+            print(f"tokenized the corpus: {describe(stats)}")
+    runtime.barrier()
+    if path is None:
+        path, _ = prepare_tokens(cfg.data, cfg.tokenizer)  # cached by now
+    return path

@@ -1,0 +1,147 @@
+"""Compose a command's config with Hydra (conf/ + a recipe + overrides) into its typed root.
+
+This is the only place that sees DictConfig: commands below receive plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+
+
+def config_roots() -> tuple[Path, Path]:
+    """The `conf/` and `recipes/` directories: inside the installed package, else the checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for base in (package, package.parent):
+        if (base / "conf").is_dir() and (base / "recipes").is_dir():
+            return base / "conf", base / "recipes"
+    raise UserError(f"llmkit's conf/ and recipes/ were not found next to {package}; reinstall llmkit")
+
+
+def list_recipes() -> list[str]:
+    """Every shipped recipe as `group/name` (what `llmkit <command> <recipe>` takes)."""
+    _, recipes = config_roots()
+    return sorted(str(p.relative_to(recipes).with_suffix("")) for p in recipes.rglob("*.yaml"))
+
+
+def recipe_command(name: str) -> str | None:
+    """The command a recipe is written for, read from its `# llmkit <command> ...` header line."""
+    _, recipes = config_roots()
+    path = recipes / f"{name}.yaml"
+    for line in path.read_text().splitlines()[:10]:
+        words = line.lstrip("# ").split()
+        if len(words) >= 2 and words[0] == "llmkit":
+            return words[1]
+    return None
+
+
+def schema_for(command: str) -> type:
+    from llmkit.config.schema import ROOTS
+
+    return ROOTS[command]
+
+
+def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any, str]:
+    """Compose `command` with an optional recipe and Hydra overrides.
+
+    Returns (typed root dataclass, resolved YAML text). Raises UserError for any bad input.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    root_type = schema_for(command)
+    conf_dir, recipes_dir = config_roots()
+    ConfigStore.instance().store(name=f"{command}_schema", node=root_type)
+    search_dirs = [recipes_dir]
+    extra: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="llmkit-recipe-") as scratch:
+        if recipe:
+            group, option = _recipe_override(recipe, recipes_dir, Path(scratch))
+            if group == "user":
+                search_dirs.append(Path(scratch))
+            extra.append(f"+{group}={option}")
+        searchpath = ",".join(f"file://{d}" for d in search_dirs)
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(str(conf_dir), version_base="1.3"):
+                cfg = hydra_compose(command, overrides=[f"hydra.searchpath=[{searchpath}]", *extra, *overrides])
+            typed = OmegaConf.to_object(cfg)
+        except UserError:
+            raise
+        except Exception as error:  # Hydra/OmegaConf raise many types; each becomes one message
+            raise UserError(_explain(error, root_type)) from None
+        finally:
+            GlobalHydra.instance().clear()
+    return typed, OmegaConf.to_yaml(cfg)
+
+
+def _recipe_override(recipe: str, recipes_dir: Path, scratch: Path) -> tuple[str, str]:
+    """Map a recipe name (`tiny/pretrain`) or YAML path to the Hydra group and option to add."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        (scratch / "user").mkdir()
+        shutil.copy(path, scratch / "user" / "recipe.yaml")
+        return "user", "recipe"
+    if path.suffix in (".yaml", ".yml"):
+        raise UserError(f"recipe file {recipe} does not exist")
+    name = recipe.strip("/")
+    if "/" not in name or not (recipes_dir / f"{name}.yaml").is_file():
+        known = list_recipes()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"unknown recipe {recipe!r}; {hint}shipped recipes: {', '.join(known)} (or give a .yaml path)")
+    group, option = name.rsplit("/", 1)
+    return group, option
+
+
+def schema_keys(root: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema dataclass (for suggestions and the surface test)."""
+    import typing
+
+    keys: list[str] = []
+    hints = typing.get_type_hints(root)
+    for f in dataclasses.fields(root):
+        key = f"{prefix}{f.name}"
+        kind = hints[f.name]
+        inner = [a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(kind) or inner:
+            keys.extend(schema_keys(kind if dataclasses.is_dataclass(kind) else inner[0], key + "."))
+        else:
+            keys.append(key)
+    return keys
+
+
+def _explain(error: Exception, root_type: type) -> str:
+    """One clear line for a Hydra/OmegaConf composition failure."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = error.__cause__ or error
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        keys = schema_keys(root_type)
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        siblings = [k for k in keys if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] and "." in key]
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(siblings or keys[:30])}"
+        return f"unknown config key '{key}'; {hint}"
+    if isinstance(cause, ValidationError) and key:
+        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
+        return f"bad value for '{key}': {first}"
+    if isinstance(error, MissingConfigException):
+        text = str(error)
+        missing = text.split("Could not find '", 1)[-1].split("'", 1)[0]
+        options = getattr(error, "options", None) or []
+        group = missing.split("/", 1)[0]
+        return f"unknown choice '{missing.replace('/', '=', 1)}'; available {group} options: {', '.join(options) or 'none'}"
+    if isinstance(error, OverrideParseException):
+        return f"could not parse the override: {str(error).splitlines()[0]} (use key=value, +key=value or ~key)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

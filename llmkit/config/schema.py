@@ -1,0 +1,198 @@
+"""Typed schemas: one root dataclass per command, built from small shared pieces.
+
+Hydra composes the YAML in `conf/` onto these dataclasses (registered in the ConfigStore),
+so a wrong type or an unknown key fails at composition; `__post_init__` checks ranges.
+No torch import here: the CLI validates a config before torch loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmkit.data.config import CorpusConfig
+from llmkit.errors import UserError
+from llmkit.model.config import ModelConfig
+from llmkit.tokenizer.config import TokenizerConfig
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of: {', '.join(choices)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay on weight matrices (never on norms or biases)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    decay_embeddings: bool = True  # whether embedding matrices get weight decay
+    fused: bool | None = None  # None: fused when the device supports it
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        _check(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}")
+        _check(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule: linear warmup, then cosine/linear decay to min_lr_ratio * lr, or constant."""
+
+    name: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("sched.name", self.name, ("cosine", "linear", "constant"))
+        _check(self.warmup_steps >= 0, f"sched.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, f"sched.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """The shared supervised loop: batch geometry, evaluation, checkpoints, resume, guards."""
+
+    max_steps: int = 1000
+    seed: int = 1337
+    batch_size: int = 32  # global batch, in sequences (examples or pairs), across all processes
+    micro_batch_size: int = 8  # per process and forward pass; the rest is gradient accumulation
+    seq_len: int | None = None  # None: the model's context (model.block_size)
+    eval_every: int = 100
+    eval_batches: int = 20  # validation micro-batches per evaluation
+    save_every: int = 200
+    keep_last: int = 2  # checkpoints kept besides the best one
+    resume: str = "never"  # never | auto | a checkpoint directory
+    overwrite: bool = False  # allow reusing an out_dir that holds another run (clears it)
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    log_every: int = 10
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or grad norm does
+    max_nonfinite_skips: int = 10
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "save_every", "log_every"):
+            value = getattr(self, key)
+            _check(value > 0, f"train.{key} must be positive, got {value}")
+        _check(self.seq_len is None or self.seq_len > 0, f"train.seq_len must be positive, got {self.seq_len}")
+        _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+               f"train.early_stopping_patience must be positive or null, got {self.early_stopping_patience}")
+        _check(self.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
+        _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
+
+
+@dataclass
+class LoggerConfig:
+    """Where progress and metrics go (metrics.jsonl is always written)."""
+
+    tensorboard: bool = True  # TensorBoard events when the `tensorboard` extra is installed
+    progress: bool = True  # rich progress bar on a terminal
+
+
+@dataclass
+class RunConfig:
+    """Fields every command shares: where the run lives."""
+
+    out_dir: str | None = None  # None: runs/<command>/<name or timestamp>
+    name: str | None = None
+
+
+@dataclass
+class TokenizeConfig(RunConfig):
+    """`llmkit tokenize`: train a byte-level BPE tokenizer and encode a corpus into token shards."""
+
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """`llmkit pretrain`: causal language modelling on a corpus (tokenised on the fly if needed)."""
+
+    tokens_dir: str | None = None  # output of `llmkit tokenize`; None: tokenise data with tokenizer (cached)
+    init_from: str | None = None  # start from the weights of a run or checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn: greedy at temperature 0."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings (the end-of-sequence token always stops)
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens > 0, f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        _check(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null, got {self.top_k}")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerateConfig:
+    """`llmkit generate`: sample continuations of prompts from a run or checkpoint."""
+
+    run: str = "runs/pretrain/latest"  # a run directory, a checkpoint directory, or runs/<command>/latest
+    prompt: list[str] = field(default_factory=list)  # prompt=hello or 'prompt=[a,b]'
+    prompts_file: str | None = None  # a text file with one prompt per line
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stream: bool = True  # print tokens as they come (single prompt)
+    device: str = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    """`llmkit evaluate`: held-out loss, perplexity and bits per byte of runs or checkpoints."""
+
+    runs: list[str] = field(default_factory=lambda: ["runs/pretrain/latest"])
+    heldout: str = "run"  # run: each run's own validation split | data: the whole corpus given in data.*
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    seq_len: int | None = None  # None: the model's context
+    batch_size: int = 8
+    max_batches: int | None = None  # None: the whole split
+    output: str | None = None  # a JSON file for the results; None: <first run>/eval.json
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("heldout", self.heldout, ("run", "data"))
+        _check(len(self.runs) > 0, "runs must name at least one run or checkpoint")
+        _check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        _check(self.max_batches is None or self.max_batches > 0, f"max_batches must be positive, got {self.max_batches}")
+
+
+ROOTS: dict[str, type] = {
+    "tokenize": TokenizeConfig,
+    "pretrain": PretrainConfig,
+    "generate": GenerateConfig,
+    "evaluate": EvaluateConfig,
+}

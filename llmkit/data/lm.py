@@ -1,0 +1,36 @@
+"""Language-modelling examples cut from a token stream (a memory-mapped shard)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len + 1 tokens; each epoch starts at a different offset.
+
+    Example i of epoch e covers tokens[o + i*T : o + i*T + T + 1] with o = offset(e), so every
+    epoch sees new window boundaries while batches stay a pure function of (seed, step).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shift_each_epoch: bool = True):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shift_each_epoch = shift_each_epoch
+
+    def offset(self, epoch: int) -> int:
+        if not self.shift_each_epoch or epoch == 0:
+            return 0
+        return (self.seed * 7919 + epoch * 104729) % self.seq_len
+
+    def num_examples(self, epoch: int) -> int:
+        return max(0, (len(self.tokens) - self.offset(epoch) - 1) // self.seq_len)
+
+    def example(self, epoch: int, index: int) -> np.ndarray:
+        start = self.offset(epoch) + index * self.seq_len
+        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+
+    def collate(self, examples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        block = torch.from_numpy(np.stack(examples))  # (B, T + 1)
+        return {"input_ids": block[:, :-1], "labels": block[:, 1:]}

@@ -1,0 +1,68 @@
+"""Corpus -> tokenizer + token shards, with a progress bar; cached by content of the config."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from llmkit.data.config import CorpusConfig
+from llmkit.data.embedded import cache_dir
+from llmkit.data.shards import META_FILE, ShardStats, write_token_shards
+from llmkit.data.sources import iter_documents
+from llmkit.tokenizer.config import TokenizerConfig
+
+
+def cached_tokens_dir(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> Path:
+    """Where the shards of this exact corpus + tokenizer config are cached."""
+    key = json.dumps({"data": dataclasses.asdict(corpus), "tokenizer": dataclasses.asdict(tokenizer)}, sort_keys=True)
+    return cache_dir() / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path | None = None,
+                   console: Console | None = None) -> tuple[Path, ShardStats | None]:
+    """Train (or load) the tokenizer and encode the corpus into `out_dir` (default: the cache).
+
+    Returns (directory, stats); stats is None when a complete cached copy was reused.
+    """
+    from llmkit.tokenizer.bpe import load_tokenizer, token_id, train_bpe
+
+    console = console or Console(highlight=False)
+    target = out_dir or cached_tokens_dir(corpus, tok_cfg)
+    if out_dir is None and (target / META_FILE).is_file():
+        return target, None
+    if tok_cfg.path:
+        tokenizer = load_tokenizer(tok_cfg.path)
+        console.print(f"using tokenizer {tok_cfg.path} ({tokenizer.get_vocab_size()} tokens)")
+    else:
+        with console.status(f"training a {tok_cfg.vocab_size}-token byte-level BPE tokenizer on the corpus..."):
+            tokenizer = train_bpe(iter_documents(corpus), tok_cfg.vocab_size, tok_cfg.special_tokens,
+                                  tok_cfg.min_frequency)
+        console.print(f"trained tokenizer: {tokenizer.get_vocab_size()} tokens")
+    eos_id = token_id(tokenizer, tok_cfg.eos_token, "tokenizer.eos_token")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with Progress(TextColumn("encoding"), BarColumn(), TextColumn("{task.fields[docs]} docs, {task.fields[mb]:.1f} MB"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("encode", total=None, docs=0, mb=0.0)
+        stats = write_token_shards(
+            iter_documents(corpus), tokenizer, tmp, val_fraction=corpus.val_fraction, eos_id=eos_id,
+            on_progress=lambda docs, nbytes: bar.update(task, docs=docs, mb=nbytes / 1e6),
+            extra_meta={"data": dataclasses.asdict(corpus), "tokenizer_config": dataclasses.asdict(tok_cfg)},
+        )
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+    return target, stats
+
+
+def describe(stats: ShardStats) -> str:
+    return (f"{stats.documents} documents ({stats.train_documents} train / {stats.val_documents} val), "
+            f"{stats.bytes / 1e6:.2f} MB, {stats.tokens} tokens ({stats.train_tokens} train / {stats.val_tokens} val), "
+            f"{stats.bytes_per_token:.2f} bytes/token, {stats.mb_per_second:.2f} MB/s")

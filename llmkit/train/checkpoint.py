@@ -1,0 +1,217 @@
+"""Atomic checkpoints: safetensors weights + a weights-only training state + a completion marker.
+
+Layout of a run directory's `checkpoints/`:
+    step_000100/   model.safetensors, state.pt, rng_0.pt ..., meta.json, <extra files>, COMPLETE
+    latest         text file naming the newest complete checkpoint (replaced atomically)
+A checkpoint is written to `.tmp-step_N`, flushed, renamed into place, and only then does
+`latest` move, so a kill at any moment leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.errors import UserError
+
+COMPLETE = "COMPLETE"
+WEIGHTS = "model.safetensors"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file so readers see the old or the new content, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied embeddings), as safetensors requires."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """Main process: make a fresh temporary directory for the checkpoint of `step`."""
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
+    """Every process: its own RNG state (and anything else per-process)."""
+    torch.save(state, tmp / f"rng_{rank}.pt")
+
+
+def finish_checkpoint(
+    root: Path,
+    tmp: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    files: dict[str, Path],
+) -> Path:
+    """Main process: write weights, state and meta, mark complete, rename into place, move `latest`."""
+    from safetensors.torch import save_file
+
+    save_file(unique_tensors(tensors), str(tmp / WEIGHTS))
+    torch.save(train_state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    for name, source in files.items():
+        shutil.copyfile(source, tmp / name)
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    (tmp / COMPLETE).write_text(f"{step}\n")
+    _fsync_file(tmp / COMPLETE)
+    _fsync_dir(tmp)
+    final = root / step_dir_name(step)
+    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it atomically
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / "latest", final.name + "\n")
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` names if complete, else the newest complete one; never an incomplete one."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / COMPLETE).is_file():
+            return named
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:
+    """Delete old checkpoints, keeping the newest `keep_last`, the best one, and whatever `latest` names."""
+    found = complete_checkpoints(root)
+    keep = set(found[-keep_last:])
+    latest = latest_checkpoint(root)
+    keep.update(p for p in (best, latest) if p is not None)
+    for path in found:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, run directory, `runs/<cmd>/latest` or weights file."""
+    given = Path(path)
+    if given.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
+        raise UserError(f"{given}: refused: weights load only from safetensors (pickle files can run code); "
+                        "convert it to a .safetensors file first")
+    if given.is_file() and given.suffix == ".safetensors":
+        given = given.parent
+    if not given.exists():
+        raise UserError(f"checkpoint or run {given} does not exist; train one first (e.g. `llmkit pretrain`) "
+                        "or pass a run directory, a checkpoint directory, or runs/<command>/latest")
+    if (given / COMPLETE).is_file():
+        return given
+    if (given / "checkpoints").is_dir() or given.name == "checkpoints":
+        root = given if given.name == "checkpoints" else given / "checkpoints"
+        found = latest_checkpoint(root)
+        if found is None:
+            raise UserError(f"{given} has no complete checkpoint yet (a run that stopped before its first save?)")
+        return found
+    if given.is_dir() and (given / WEIGHTS).exists():
+        raise UserError(f"{given} has no {COMPLETE} marker: the checkpoint was not completely written; "
+                        "use an earlier checkpoint of the run")
+    raise UserError(f"{given} is neither a run directory nor a checkpoint (no checkpoints/ or {COMPLETE})")
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: cannot read checkpoint metadata ({error})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning corruption or a non-safetensors file into one clear message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: not a valid safetensors file (truncated, corrupted, or another format): "
+                        f"{str(error).splitlines()[0]}") from None
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, strict: bool = True) -> None:
+    """Copy tensors into the model, listing every missing, unexpected or mis-shaped tensor on mismatch."""
+    own = model.state_dict()
+    tied = set(own) - set(unique_tensors(own))
+    problems = []
+    for name, tensor in tensors.items():
+        if name not in own:
+            problems.append(f"unexpected {name} {tuple(tensor.shape)}")
+        elif own[name].shape != tensor.shape:
+            problems.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+    if strict:
+        problems += [f"missing {n} {tuple(own[n].shape)}" for n in own if n not in tensors and n not in tied]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise UserError(f"{source} does not fit this model (a different architecture?): {shown}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """Optimizer/scheduler/RNG state, loaded with weights_only=True (never unpickling code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path}: cannot load training state ({str(error).splitlines()[0]})") from None

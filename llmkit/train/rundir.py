@@ -1,0 +1,101 @@
+"""Run directories: one per run, holding its resolved config, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+from llmkit.train.checkpoint import write_text_atomic
+
+# Keys that may change when resuming: they do not change what the run computes up to now.
+RESUMABLE_CHANGES = (
+    "out_dir", "name", "logger.", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
+    "train.log_every", "train.resume", "train.overwrite", "train.early_stopping_patience", "train.on_nonfinite",
+    "train.max_nonfinite_skips", "train.device", "train.compile",
+)
+
+
+def default_out_dir(command: str, name: str | None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / command
+    path = base / (name or stamp)
+    suffix = 1
+    while name is None and path.exists():
+        suffix += 1
+        path = base / f"{stamp}-{suffix}"
+    return path
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
+    """(changes that forbid an exact resume, harmless changes), each as 'key: old -> new'."""
+    from omegaconf import OmegaConf
+
+    old = flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    new = flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
+    blocking, harmless = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (harmless if key.startswith(RESUMABLE_CHANGES) else blocking).append(line)
+    return blocking, harmless
+
+
+def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolved_yaml: str,
+                    resume: str, overwrite: bool, is_main: bool = True) -> tuple[Path, list[str]]:
+    """Create or reopen the run directory; returns (path, harmless config changes on resume).
+
+    Refuses (UserError) an out_dir that holds a different run unless resuming or overwriting,
+    a resume whose config changed in ways that cannot resume exactly, and unwritable places.
+    """
+    path = Path(out_dir) if out_dir else default_out_dir(command, name)
+    saved = path / "config.yaml"
+    harmless: list[str] = []
+    if saved.is_file() and resume != "never":
+        blocking, harmless = config_changes(saved.read_text(), resolved_yaml)
+        if blocking:
+            raise UserError(f"cannot resume {path}: these settings differ from the saved run and would change "
+                            f"its results: {'; '.join(blocking)}. Use the original values, or a new out_dir")
+    elif saved.is_file() and not overwrite:
+        raise UserError(f"{path} already holds a run; pass train.resume=auto to continue it, "
+                        "train.overwrite=true to replace it, or choose another out_dir=")
+    elif path.is_dir() and any(path.iterdir()) and not saved.is_file():
+        raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
+    if not is_main:
+        return path, harmless
+    try:
+        if saved.is_file() and overwrite and resume == "never":
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(saved, resolved_yaml)
+    except OSError as error:
+        raise UserError(f"output directory {path} is not writable ({error.strerror}); choose another out_dir=") from None
+    _point_latest(path, command)
+    return path, harmless
+
+
+def _point_latest(path: Path, command: str) -> None:
+    """Keep `runs/<command>/latest` pointing at the newest run (only inside a runs/<command>/ folder)."""
+    if path.parent.name != command:
+        return
+    link = path.parent / "latest"
+    tmp = path.parent / ".latest.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(path.name, tmp)
+        os.replace(tmp, link)
+    except OSError:
+        pass  # a filesystem without symlinks: runs are still found by path
