@@ -56,13 +56,11 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
 
 def _run(command: str, args: list[str], print_config: bool) -> int:
     from llmkit.config.compose import compose, schema_for
+    from llmkit.errors import UserError
 
     try:
         schema_for(command)
-        module = importlib.import_module(f"llmkit.commands.{command}")
-    except (KeyError, ModuleNotFoundError):
-        from llmkit.errors import UserError
-
+    except KeyError:
         raise UserError(f"`llmkit {command}` is not built yet in this version; see README.md for what ships") from None
     recipe = args[0] if args and "=" not in args[0] and not args[0].startswith("~") else None
     overrides = args[1:] if recipe else args
@@ -70,8 +68,8 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
     if print_config:
         typer.echo(resolved_yaml, nl=False)
         return 0
-    result = module.run(cfg, resolved_yaml)
-    return int(result or 0)
+    module = importlib.import_module(f"llmkit.commands.{command}")  # torch loads here, after validation
+    return int(module.run(cfg, resolved_yaml) or 0)
 
 
 def _report(error: Exception, console) -> int:
@@ -81,16 +79,16 @@ def _report(error: Exception, console) -> int:
     if os.environ.get("LLMKIT_DEBUG") == "1":
         console.print_exception()
     if isinstance(error, InterruptedRun):
-        console.print(str(error), markup=False)
+        console.print(str(error), markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, UserError):
-        console.print(f"error: {error}", style="red", markup=False)
+        console.print(f"error: {error}", style="red", markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, MemoryError):
-        console.print("error: out of memory; lower train.micro_batch_size or the model size", style="red", markup=False)
+        console.print("error: out of memory; lower train.micro_batch_size or the model size", style="red", markup=False, soft_wrap=True)
         return 1
     console.print(f"internal error: {type(error).__name__}: {error} (set LLMKIT_DEBUG=1 for the traceback)",
-                  style="red", markup=False)
+                  style="red", markup=False, soft_wrap=True)
     return 1
 
 

@@ -42,7 +42,8 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
               f"train / {meta['val_tokens']} val tokens; run directory: {run_dir}")
     spec = TrainSpec(
         command="pretrain", model=model, objective=CausalLM(), train_set=train_set, val_set=val_set, run_dir=run_dir,
-        meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokenizer": "tokenizer.json"},
+        meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokens_dir": str(tokens_dir.resolve()),
+              "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
         flops_per_token=flops_per_token(cfg.model, seq_len), files={"tokenizer.json": tokens_dir / "tokenizer.json"},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
