@@ -84,8 +84,12 @@ def token_dtype(vocab_size: int) -> str:
 
 
 @contextmanager
-def _parallel_encoding(enabled: bool) -> Iterator[None]:
-    """Let ``encode_batch`` use every core (TOKENIZERS_PARALLELISM=false elsewhere would stop it)."""
+def parallel_encoding(enabled: bool) -> Iterator[None]:
+    """Within the block, ``encode_batch`` uses every core (or one, if not ``enabled``).
+
+    TOKENIZERS_PARALLELISM is read on every call by ``tokenizers``; a ``false`` set elsewhere (to
+    quiet fork warnings) would otherwise make encoding single-threaded. Restored on exit.
+    """
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
     try:
@@ -137,7 +141,7 @@ def write_token_shards(
         with (
             open(tmp_paths["train"], "wb") as train_f,
             open(tmp_paths["val"], "wb") as val_f,
-            _parallel_encoding(parallel),
+            parallel_encoding(parallel),
         ):
             for batch in _batches(documents, batch_size):
                 train_ids: list[int] = []
