@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _WS = re.compile(r"\s*")
+_GLOB_CHARS = re.compile(r"[*?[]")
 _BOM = "\ufeff"
 _REPLACEMENT = "\ufffd".encode()
 
@@ -65,7 +66,7 @@ class Record(NamedTuple):
 
 
 def _line_based(file: str) -> bool:
-    return file.endswith((".jsonl", ".json", ".csv", ".txt"))
+    return file.lower().endswith((".jsonl", ".json", ".csv", ".txt"))
 
 
 # ---------------------------------------------------------------- corpus documents
@@ -174,7 +175,7 @@ def list_data_files(path: str | Path, suffixes: Sequence[str], key: str = "data.
     """
     spec = os.path.expanduser(str(path))
     kinds = ", ".join(suffixes)
-    if glob.has_magic(spec):
+    if _GLOB_CHARS.search(spec):
         matched = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not matched:
             raise UserError(
