@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from llmkit.data import tinyworld as tw
 from llmkit.errors import UserError
+from llmkit.tokenizer.bpe import train_bpe
 from llmkit.tokenizer.chat import IGNORE_INDEX, encode_chat, encode_prompt, render_prompt, resolve_template
 
 EOS = "<|endoftext|>"
@@ -31,15 +32,9 @@ HF_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    """A tiny byte-level BPE trained on tiny-world text, with the chat special tokens."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    """A tiny byte-level BPE (llmkit's trainer) on tiny-world text, with the chat special tokens."""
     texts = [f"User: {t.prompt}\nAssistant: {t.answer}\n" for t in tw.make_tasks("train", 300)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    return tokenizer
+    return train_bpe(texts, vocab_size=400, special_tokens=SPECIALS)
 
 
 def trained_text(tok: Tokenizer, ids: list[int], labels: list[int]) -> list[str]:
