@@ -132,7 +132,7 @@ def test_file_records_hold_out_and_errors(tok, tmp_path):
     bad = SFTDataConfig(source="files", path=str(tmp_path / "bad"))
     with pytest.raises(UserError, match=r"c\.jsonl:2: cannot tell"):
         build_sft_examples(load_sft_records(bad, "train") + load_sft_records(bad, "validation"), tok, bad, max_length=64)
-    with pytest.raises(UserError, match="completion"):
+    with pytest.raises(UserError, match=r"c\.jsonl:2: .*no field 'prompt'.*data\.format"):
         load_sft_records(SFTDataConfig(source="files", path=str(tmp_path / "bad"), format="prompt_completion"), "train")
 
 
@@ -148,20 +148,20 @@ def test_packing_keeps_every_example_once(examples):
     seq_len = 64
     rows = pack_examples(examples, seq_len, pad_id=1)
     assert rows == pack_examples(examples, seq_len, pad_id=1)  # deterministic
-    assert sum(len(e.input_ids) for e in examples) <= len(rows) * seq_len < sum(len(e.input_ids) for e in examples) + len(rows) * 30
+    assert len(rows) < len(examples) / 1.5  # rows really hold several examples
     found = Counter()
     for row in rows:
         assert len(row.input_ids) == len(row.labels) == len(row.positions) == len(row.doc_ids) == seq_len
         starts = [t for t in range(seq_len) if t == 0 or row.doc_ids[t] != row.doc_ids[t - 1]]
-        bounds = starts + [seq_len]
         assert len(set(row.doc_ids)) == len(starts)  # each document is one contiguous run with its own id
-        for a, b in zip(bounds, bounds[1:], strict=False):
+        for a, b in zip(starts, starts[1:] + [seq_len], strict=True):
             assert row.positions[a:b] == list(range(b - a))  # positions restart per document
-            found[(tuple(row.input_ids[a:b]), tuple(row.labels[a:b]))] += 1
-        if row.doc_ids[-1] == len(starts) - 1 and row.input_ids[-1] == 1 and all(x == IGNORE for x in row.labels[starts[-1]:]):
-            found[(tuple(row.input_ids[starts[-1]:]), tuple(row.labels[starts[-1]:]))] -= 1  # padding run
-    expected = Counter((tuple(e.input_ids), tuple(e.labels)) for e in examples)
-    assert +found == expected
+            run = (tuple(row.input_ids[a:b]), tuple(row.labels[a:b]))
+            if all(x == IGNORE for x in run[1]):  # padding: only at the end, pad ids, its own doc id
+                assert b == seq_len and set(run[0]) == {1}
+            else:
+                found[run] += 1
+    assert found == Counter((tuple(e.input_ids), tuple(e.labels)) for e in examples)
     with pytest.raises(UserError, match="data.max_length"):
         pack_examples([SFTExample([1] * 65, [2] * 65)], 64)
 
@@ -196,6 +196,7 @@ def test_packed_loss_equals_unpacked_loss(tok, examples, style):
     batch = collate_packed(rows)
     with torch.no_grad():
         logits = model(batch["input_ids"], positions=batch["positions"], doc_ids=batch["doc_ids"])
+        assert not torch.allclose(model(batch["input_ids"]), logits, atol=1e-3)  # the test can see leaks
         token_loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
                                      reduction="none").view_as(batch["labels"])
         packed = Counter()
