@@ -124,6 +124,9 @@ def test_templates_that_cannot_teach_stopping_are_refused(tok, tmp_path):
     no_eos = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(UserError, match="eos token"):
         encode_chat(tok, CONVERSATION, no_eos, eos_token=EOS)
+    not_prefix = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{{ eos_token }}{% endfor %}"
+    with pytest.raises(UserError, match="prefix by prefix"):
+        encode_chat(tok, CONVERSATION, not_prefix, eos_token=EOS)
     with pytest.raises(UserError, match="not a built-in name"):
         resolve_template("nonexistent-template")
     (tmp_path / "tokenizer_config.json").write_text("{}")
