@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from llmkit.errors import UserError
 
@@ -21,9 +20,9 @@ class ModelConfig:
     block_size: int = 256  # context length in tokens
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: Optional[int] = None  # None: same as n_head (multi-head); fewer: grouped-query
+    n_kv_head: int | None = None  # None: same as n_head (multi-head); fewer: grouped-query
     d_model: int = 256
-    d_ff: Optional[int] = None  # None: 4*d (gelu) or 8/3*d rounded up to 64 (swiglu)
+    d_ff: int | None = None  # None: 4*d (gelu) or 8/3*d rounded up to 64 (swiglu)
     norm: str = "layernorm"  # layernorm | rmsnorm
     pos: str = "learned"  # learned | rope
     mlp: str = "gelu"  # gelu | swiglu

@@ -21,6 +21,7 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             tmp = self.path.with_suffix(".tmp")

@@ -1,0 +1,165 @@
+"""The shared loop's pieces: accumulation normalisation, non-finite guard, checkpoint pruning, schedule."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
+from llmkit.data.lm import TokenWindows
+from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
+from llmkit.train import checkpoint as ckpt
+from llmkit.train.loop import Trainer, TrainingError, TrainSpec, accumulate, batch_indices
+from llmkit.train.objectives import IGNORE, CausalLM
+from llmkit.train.optim import lr_factor
+from llmkit.train.runtime import setup_runtime
+
+TINY = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16)
+
+
+def padded_batch(rows: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE)
+    for i, row in enumerate(rows):
+        ids[i, : len(row) - 1] = torch.tensor(row[:-1])
+        labels[i, : len(row) - 1] = torch.tensor(row[1:])
+    return {"input_ids": ids, "labels": labels}
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_accumulation_matches_one_big_batch_and_mean_of_means_does_not():
+    torch.manual_seed(0)
+    rows = [list(range(1, 14)), [5, 6, 7, 8], list(range(20, 30)), [3, 4, 5]]
+    model = Transformer(TINY)
+    runtime = setup_runtime("cpu")
+    objective = CausalLM()
+    # One batch holding all four sequences.
+    whole = padded_batch(rows, 15)
+    total = objective.count(whole)
+    loss_one, _ = accumulate(model, objective, [whole], runtime, total)
+    g_one = grads(model).clone()
+    model.zero_grad()
+    # Two micro-batches of unequal padded lengths and unequal target counts.
+    micro = [padded_batch(rows[:2], 13), padded_batch(rows[2:], 10)]
+    loss_acc, _ = accumulate(model, objective, micro, runtime, sum(objective.count(b) for b in micro))
+    g_acc = grads(model).clone()
+    assert torch.allclose(loss_one / total, loss_acc / total, atol=1e-6)
+    assert torch.allclose(g_one, g_acc, atol=1e-6)
+    # The common mistake: average each micro-batch's mean loss.
+    model.zero_grad()
+    for batch in micro:
+        loss_sum, _ = objective(model, batch)
+        (loss_sum / objective.count(batch) / len(micro)).backward()
+    assert not torch.allclose(g_one, grads(model), atol=1e-4)
+
+
+class Windows(TokenWindows):
+    def __init__(self, n=4000, seed=0):
+        rng = np.random.default_rng(seed)
+        super().__init__(rng.integers(0, 64, n), 16, seed=seed)
+
+
+class PoisonAt(CausalLM):
+    """A loss that turns NaN at given (1-based) steps."""
+
+    def __init__(self, steps):
+        self.steps, self.calls = set(steps), 0
+
+    def __call__(self, model, batch):
+        loss, metrics = super().__call__(model, batch)
+        if model.training:
+            self.calls += 1
+        return (loss * math.nan if model.training and (self.calls + 1) // 2 in self.steps else loss), metrics
+
+
+def make_trainer(tmp_path: Path, objective, **train):
+    cfg = TrainConfig(**{"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "eval_every": 3, "save_every": 3,
+                         "log_every": 1, **train})
+    torch.manual_seed(0)
+    spec = TrainSpec(command="test", model=Transformer(TINY), objective=objective, train_set=Windows(),
+                     val_set=Windows(800, 1), run_dir=tmp_path, meta={"model": {}})
+    return Trainer(spec, cfg, OptimConfig(lr=1e-2), SchedConfig(warmup_steps=0), LoggerConfig(tensorboard=False,
+                   progress=False), setup_runtime("cpu"))
+
+
+def test_nonfinite_loss_stops_with_parameters_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, PoisonAt({5}))
+    before = {}
+
+    original_step = trainer._step
+
+    def spy():
+        if trainer.state.step == 4:
+            before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return original_step()
+
+    trainer._step = spy
+    with pytest.raises(TrainingError, match=r"step 5: non-finite.*step_000003"):
+        trainer.run()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nonfinite_skip_mode_skips_up_to_the_limit(tmp_path):
+    trainer = make_trainer(tmp_path / "a", PoisonAt({2, 4}), on_nonfinite="skip", max_nonfinite_skips=2)
+    result = trainer.run()
+    assert result.step == 6 and trainer.state.nonfinite_skips == 2
+    trainer = make_trainer(tmp_path / "b", PoisonAt({2, 3, 4}), on_nonfinite="skip", max_nonfinite_skips=2)
+    with pytest.raises(TrainingError, match="step 4"):
+        trainer.run()
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    curves = []
+    for name in ("a", "b"):
+        make_trainer(tmp_path / name, CausalLM()).run()
+        curves.append((tmp_path / name / "metrics.jsonl").read_text().splitlines())
+    strip = [[line.split('"tokens_per_s"')[0] for line in curve] for curve in curves]
+    assert strip[0] == strip[1]
+
+
+def test_batches_cover_each_epoch_without_overlap():
+    data = Windows(16 * 40 + 1)  # 40 windows in epoch 0
+    seen = [i for step in range(10) for i in batch_indices(data, 4, 7, step)[1]]
+    assert sorted(seen) == list(range(40))
+    epoch, _ = batch_indices(data, 4, 7, 10)
+    assert epoch == 1
+
+
+def test_pruning_keeps_last_k_and_best_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    vals = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.8, 5: 2.9}
+    for step, val in vals.items():
+        tmp = ckpt.begin_checkpoint(root, step)
+        ckpt.finish_checkpoint(root, tmp, step, {"w": torch.ones(2)}, {}, {"val_loss": val}, {})
+        best = min(ckpt.complete_checkpoints(root), key=lambda p: ckpt.read_meta(p)["val_loss"])
+        ckpt.prune_checkpoints(root, keep_last=2, best=best)
+    names = [p.name for p in ckpt.complete_checkpoints(root)]
+    assert names == ["step_000002", "step_000004", "step_000005"]
+    assert ckpt.latest_checkpoint(root).name == "step_000005"
+
+
+def test_incomplete_checkpoint_is_never_picked(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    tmp = ckpt.begin_checkpoint(root, 1)
+    ckpt.finish_checkpoint(root, tmp, 1, {"w": torch.ones(2)}, {}, {}, {})
+    (root / "step_000002").mkdir()  # a crash left a half-written directory
+    (root / "step_000002" / "model.safetensors").write_bytes(b"garbage")
+    (root / "latest").write_text("step_000002\n")
+    assert ckpt.latest_checkpoint(root).name == "step_000001"
+
+
+def test_warmup_then_cosine_to_floor():
+    cfg = SchedConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(1 / 11)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(55, 100, cfg) < 1.0
