@@ -13,7 +13,7 @@ from llmkit.errors import UserError
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
-    """Prompts from `prompts_file` (one per line) or `prompt`; refusing empty ones."""
+    """Prompts from `prompts_file` (one per line), `prompts` or `prompt`; refusing empty ones."""
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         if not path.is_file():
@@ -25,9 +25,10 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
         if not prompts:
             raise UserError(f"prompts_file {path} has no prompts (one per line expected)")
         return prompts
-    if not cfg.prompt or any(not p for p in cfg.prompt):
-        raise UserError("give a non-empty prompt: prompt='Once upon a time' or prompts_file=<file>")
-    return list(cfg.prompt)
+    prompts = list(cfg.prompts) or ([cfg.prompt] if cfg.prompt is not None else [])
+    if not prompts or any(not p.strip() for p in prompts):
+        raise UserError("give a non-empty prompt: prompt='Once upon a time', 'prompts=[a,b]' or prompts_file=<file>")
+    return prompts
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -36,13 +37,25 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def encode_prompt(tokenizer, prompt: str, cfg: GenerateConfig, meta: dict) -> list[int]:
+    """Token ids of a prompt: raw text, or a user turn in the chat template the run was tuned with."""
+    template = cfg.chat_template or meta.get("chat_template")
+    if cfg.chat is False or (cfg.chat is None and template is None):
+        return tokenizer.encode(prompt, add_special_tokens=False).ids
+    from llmkit.tokenizer.chat import render_prompt
+
+    text = render_prompt([{"role": "user", "content": prompt}], template or "chatml",
+                         eos_token=meta.get("eos_token", "<|endoftext|>"))
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     from llmkit.generate import generate
 
     prompts = read_prompts(cfg)
     loaded = load_trained(cfg.run, resolve_device(cfg.device))
     tokenizer, model, sampling = loaded.tokenizer, loaded.model, cfg.sampling
-    encoded = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, cfg, loaded.meta) for p in prompts]
     for text, ids in zip(prompts, encoded):
         if len(ids) >= model.cfg.block_size:
             raise UserError(f"prompt {text[:40]!r}... is {len(ids)} tokens, no shorter than the model's context of "

@@ -136,6 +136,13 @@ def _explain(error: Exception, root_type: type) -> str:
     if isinstance(cause, ValidationError) and key:
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
         return f"bad value for '{key}': {first}"
+    text = str(error)
+    if "full_key:" in text:  # a validation failure Hydra reports without a cause
+        lines = [line.strip() for line in text.splitlines()]
+        key = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:"))
+        reason = next((line for line in lines[1:] if line and not line.startswith(("full_key", "object_type",
+                                                                                         "reference_type"))), "")
+        return f"bad value for '{key}': {reason}"
     if isinstance(error, MissingConfigException):
         text = str(error)
         missing = text.split("Could not find '", 1)[-1].split("'", 1)[0]

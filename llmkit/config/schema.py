@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmkit.data.config import CorpusConfig
+from llmkit.data.sft_config import SFTDataConfig
 from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
 from llmkit.tokenizer.config import TokenizerConfig
@@ -141,6 +142,18 @@ class PretrainConfig(RunConfig):
 
 
 @dataclass
+class SFTConfig(RunConfig):
+    """`llmkit sft`: supervised fine-tuning on instruction data, loss on assistant tokens by default."""
+
+    init_from: str = "runs/pretrain/latest"  # the pretrained run or checkpoint to start from
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
 class SamplingConfig:
     """How tokens are drawn: greedy at temperature 0."""
 
@@ -163,8 +176,11 @@ class GenerateConfig:
     """`llmkit generate`: sample continuations of prompts from a run or checkpoint."""
 
     run: str = "runs/pretrain/latest"  # a run directory, a checkpoint directory, or runs/<command>/latest
-    prompt: list[str] = field(default_factory=list)  # prompt=hello or 'prompt=[a,b]'
+    prompt: str | None = "Return the"  # one prompt: prompt='Once upon a time'
+    prompts: list[str] = field(default_factory=list)  # several: 'prompts=[first prompt,second prompt]'
     prompts_file: str | None = None  # a text file with one prompt per line
+    chat: bool | None = None  # wrap each prompt as a user turn; None: when the run was fine-tuned on chats
+    chat_template: str | None = None  # None: the template the run was fine-tuned with
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stream: bool = True  # print tokens as they come (single prompt)
     device: str = "auto"
@@ -193,6 +209,7 @@ class EvaluateConfig:
 ROOTS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "pretrain": PretrainConfig,
+    "sft": SFTConfig,
     "generate": GenerateConfig,
     "evaluate": EvaluateConfig,
 }

@@ -1,6 +1,8 @@
-"""Language-modelling examples cut from a token stream (a memory-mapped shard)."""
+"""Example sets the training loop draws batches from: token windows and plain lists."""
 
 from __future__ import annotations
+
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,3 +36,20 @@ class TokenWindows:
     def collate(self, examples: list[np.ndarray]) -> dict[str, torch.Tensor]:
         block = torch.from_numpy(np.stack(examples))  # (B, T + 1)
         return {"input_ids": block[:, :-1], "labels": block[:, 1:]}
+
+
+class ListDataset:
+    """A fixed list of examples (the same every epoch) with its collate function."""
+
+    def __init__(self, items: Sequence[Any], collate: Callable[[list[Any]], dict[str, torch.Tensor]]):
+        self.items = items
+        self._collate = collate
+
+    def num_examples(self, epoch: int) -> int:
+        return len(self.items)
+
+    def example(self, epoch: int, index: int) -> Any:
+        return self.items[index]
+
+    def collate(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        return self._collate(examples)

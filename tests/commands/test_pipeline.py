@@ -52,7 +52,7 @@ def test_generate_is_reproducible_and_handles_a_batch(cli, tiny_run):
     first, second = cli(*args), cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
-    batch = cli("generate", f"run={tiny_run}", "prompt=[def,The value,Return]", "sampling.temperature=0",
+    batch = cli("generate", f"run={tiny_run}", "prompts=[def,The value,Return]", "sampling.temperature=0",
                 "sampling.max_new_tokens=6")
     assert batch.returncode == 0, batch.stderr
     assert batch.stdout.count("-" * 40) == 3

@@ -1,0 +1,59 @@
+"""`llmkit sft`: supervised fine-tuning of a pretrained run on instruction data (the tiny world by default)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from llmkit.commands.common import load_trained, start_run
+from llmkit.config.schema import SFTConfig
+from llmkit.data.instruct import instruction_sets
+from llmkit.errors import UserError
+from llmkit.model.transformer import flops_per_token
+from llmkit.train.loop import Trainer, TrainSpec
+from llmkit.train.objectives import CausalLM
+
+
+def load_base(init_from: str, command: str):
+    """The pretrained model to fine-tune, with a how-to when there is none yet."""
+    if init_from == "runs/pretrain/latest" and not Path(init_from).exists():
+        raise UserError(f"`llmkit {command}` starts from a pretrained model and runs/pretrain/latest does not exist: "
+                        "run `llmkit pretrain` first (minutes on a CPU), or pass init_from=<run or checkpoint>")
+    return load_trained(init_from)
+
+
+def run(cfg: SFTConfig, resolved_yaml: str) -> int:
+    runtime, run_dir = start_run("sft", cfg, resolved_yaml)
+    base = load_base(cfg.init_from, "sft")
+    model, tokenizer, meta = base.model.train(), base.tokenizer, base.meta
+    eos_token, pad_token = meta.get("eos_token", "<|endoftext|>"), meta.get("pad_token", "<|pad|>")
+    seq_len = cfg.train.seq_len or model.cfg.block_size
+    if seq_len > model.cfg.block_size:
+        raise UserError(f"train.seq_len={seq_len} is longer than the model's context ({model.cfg.block_size})")
+    pad_id = tokenizer.token_to_id(pad_token)
+    sets = instruction_sets(cfg.data, tokenizer, seq_len, eos_token, pad_id if pad_id is not None else 0)
+    if runtime.is_main:
+        (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
+        s = sets.stats
+        print(f"sft data: {s.examples} examples ({s.trained_tokens} of {s.tokens} tokens trained on; "
+              f"{s.truncated} truncated, {s.dropped} dropped), "
+              f"{sets.train.num_examples(0)} {'packed rows' if cfg.data.packing else 'examples'} of <= {seq_len} tokens; "
+              f"starting from {base.checkpoint}; run directory: {run_dir}")
+    spec = TrainSpec(
+        command="sft", model=model, objective=CausalLM(), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
+        meta={**{k: v for k, v in meta.items() if k not in ("step", "val_loss")}, "command": "sft",
+              "model": dataclasses.asdict(model.cfg), "base": str(base.checkpoint),
+              "chat_template": cfg.data.chat_template},
+        flops_per_token=flops_per_token(model.cfg, seq_len),
+        files={"tokenizer.json": run_dir / "tokenizer.json"},
+    )
+    result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
+    if runtime.is_main:
+        if result.last_val is not None:
+            print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
+                  f"(perplexity {math.exp(min(result.last_val, 50)):.2f})")
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"next: llmkit evaluate runs=[{run_dir}] tasks=[tinyworld_gen]   |   "
+              f"llmkit generate run={run_dir} prompt='What is 12 + 30?'")
+    return 0
