@@ -61,6 +61,8 @@ def run(cfg: EvaluateConfig, resolved_yaml: str) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
     except OSError as error:
-        raise UserError(f"cannot write {output} ({error.strerror}); set output=<path>") from None
+        blocker = next((parent for parent in output.parents if parent.is_file()), None)
+        reason = f"{blocker} is a file, not a directory" if blocker else error.strerror
+        raise UserError(f"cannot write {output} ({reason}); set output=<path>") from None
     print(f"wrote {output}")
     return 0

@@ -150,5 +150,7 @@ def _explain(error: Exception, root_type: type) -> str:
         group = missing.split("/", 1)[0]
         return f"unknown choice '{missing.replace('/', '=', 1)}'; available {group} options: {', '.join(options) or 'none'}"
     if isinstance(error, OverrideParseException):
-        return f"could not parse the override: {str(error).splitlines()[0]} (use key=value, +key=value or ~key)"
+        override = getattr(error, "override", None)
+        which = f" {override!r}" if override else ""
+        return f"could not parse the override{which}: {str(error).splitlines()[0]} (use key=value, +key=value or ~key)"
     return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -45,8 +45,11 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
                                   tok_cfg.min_frequency)
         console.print(f"trained tokenizer: {tokenizer.get_vocab_size()} tokens")
     eos_id = token_id(tokenizer, tok_cfg.eos_token, "tokenizer.eos_token")
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # The cache is filled beside and renamed into place; a user's out_dir (it holds the run's config.yaml) is
+    # written in place: write_token_shards writes meta.json last, so readers never see a half-written directory.
+    tmp = target if out_dir is not None else target.with_name(target.name + ".partial")
+    if out_dir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
     with Progress(TextColumn("encoding"), BarColumn(), TextColumn("{task.fields[docs]} docs, {task.fields[mb]:.1f} MB"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("encode", total=None, docs=0, mb=0.0)
@@ -55,10 +58,11 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
             on_progress=lambda docs, nbytes: bar.update(task, docs=docs, mb=nbytes / 1e6),
             extra_meta={"data": dataclasses.asdict(corpus), "tokenizer_config": dataclasses.asdict(tok_cfg)},
         )
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(target)
+    if out_dir is None:
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(target)
     return target, stats
 
 

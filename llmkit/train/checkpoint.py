@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{given}: refused: weights load only from safetensors (pickle files can run code); "
                         "convert it to a .safetensors file first")
     if given.is_file() and given.suffix == ".safetensors":
+        if not (given.parent / COMPLETE).is_file():
+            _check_safetensors_header(given)
+            raise UserError(f"{given}: a bare weights file cannot be loaded: llmkit needs the checkpoint directory "
+                            f"around it (meta.json, tokenizer.json, {COMPLETE}); pass a run or checkpoint directory")
         given = given.parent
     if not given.exists():
         raise UserError(f"checkpoint or run {given} does not exist; train one first (e.g. `llmkit pretrain`) "
@@ -175,6 +180,34 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read checkpoint metadata ({error})") from None
 
 
+def _not_safetensors(path: Path, error: Exception) -> UserError:
+    """The message for a file that does not parse as safetensors, saying so when it is really a pickle."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        head = b""
+    pickled = len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0  # PROTO n, then an opcode
+    if head.startswith(b"PK\x03\x04") or pickled:  # a torch.save zip archive, or a bare pickle
+        kind = "it is a pickle / torch.save file, which llmkit never loads since unpickling can run code"
+        fix = "convert weights you trust with safetensors.torch.save_file"
+    else:
+        kind = f"truncated, corrupted, or another format: {str(error).splitlines()[0]}"
+        fix = "use an intact checkpoint, e.g. an earlier one of the run"
+    return UserError(f"{path}: not a valid safetensors file ({kind}); {fix}")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Parse just the header of a safetensors file (never unpickling anything); UserError if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise _not_safetensors(path, error) from None
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning corruption or a non-safetensors file into one clear message."""
     from safetensors import SafetensorError
@@ -185,8 +218,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: not a valid safetensors file (truncated, corrupted, or another format): "
-                        f"{str(error).splitlines()[0]}") from None
+        raise _not_safetensors(path, error) from None
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, strict: bool = True) -> None:
@@ -212,6 +244,12 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 def load_train_state(path: Path) -> dict[str, Any]:
     """Optimizer/scheduler/RNG state, loaded with weights_only=True (never unpickling code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"{path}: cannot load training state ({str(error).splitlines()[0]})") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "Weights only load failed" in reason:
+            reason = "it holds objects other than tensors and plain data; refused, since unpickling them can run code"
+        raise UserError(f"{path}: cannot load training state ({reason}); resume from another checkpoint "
+                        "(train.resume=<checkpoint directory>) or start over with train.overwrite=true") from None

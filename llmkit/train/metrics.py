@@ -72,7 +72,11 @@ def _plain(value: Any) -> Any:
 
 
 def measured_peak_flops(device: torch.device) -> float:
-    """This machine's dense matmul peak (FLOP/s) for the training dtype, measured once and cached."""
+    """This machine's dense matmul peak (FLOP/s) in the training dtype.
+
+    Measured briefly at every start and cached as the best value seen, so a measurement taken
+    while the machine was busy does not stick (a low peak would inflate MFU).
+    """
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{threads}threads"
     cache = Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "peak_flops.json"
@@ -80,13 +84,11 @@ def measured_peak_flops(device: torch.device) -> float:
         table = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         table = {}
-    if name in table:
-        return float(table[name])
-    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(4):
+    for _ in range(1 if name in table else 3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -94,7 +96,7 @@ def measured_peak_flops(device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    peak = 2 * size**3 / best
+    peak = max(2 * size**3 / best, float(table.get(name, 0.0)))
     table[name] = peak
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,15 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
     return blocking, harmless
 
 
+# What a run writes before its first training step; a directory holding nothing else stopped before training.
+SETUP_FILES = ("config.yaml", "tokenizer.json")
+
+
+def run_started(path: Path) -> bool:
+    """Whether ``path`` holds more than a run's set-up files (metrics, checkpoints, shards: results to keep)."""
+    return any(not p.name.startswith(".") and p.name not in SETUP_FILES for p in path.iterdir())
+
+
 def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolved_yaml: str,
                     resume: str, overwrite: bool, is_main: bool = True) -> tuple[Path, list[str]]:
     """Create or reopen the run directory; returns (path, harmless config changes on resume).
@@ -63,7 +72,9 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     path = Path(out_dir) if out_dir else default_out_dir(command, name)
     saved = path / "config.yaml"
     harmless: list[str] = []
-    if saved.is_file() and resume != "never":
+    if saved.is_file() and not run_started(path):
+        pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
+    elif saved.is_file() and resume != "never":
         blocking, harmless = config_changes(saved.read_text(), resolved_yaml)
         if blocking:
             raise UserError(f"cannot resume {path}: these settings differ from the saved run and would change "

@@ -1,0 +1,33 @@
+# llmkit developer commands. `make install` then `make test`; see README.md.
+PY ?= python3
+TORCH_CPU ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install install-torch test lint bench demo pipeline clean
+
+install: install-torch  ## torch (CPU build when there is no GPU), then llmkit with its dev extras
+	$(PY) -m pip install -e ".[dev,tensorboard]"
+
+install-torch:
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install "torch>=2.6"; \
+	else \
+		$(PY) -m pip install --timeout 30 --extra-index-url https://download.pytorch.org/whl/cpu "$(TORCH_CPU)"; \
+	fi
+
+test:  ## the whole suite (one thread, offline), ~minutes on 2 CPU cores
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
+
+lint:
+	$(PY) -m ruff check llmkit tests scripts
+
+bench:  ## training throughput and MFU vs HF transformers, side by side
+	$(PY) scripts/bench.py
+
+demo:  ## tokenize -> pretrain -> generate -> evaluate on the embedded default
+	bash scripts/demo.sh
+
+clean:
+	rm -rf runs .pytest_cache build dist *.egg-info
