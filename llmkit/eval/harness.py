@@ -239,13 +239,14 @@ def _score_generate(model, prompter: Prompter, task: TaskSpec, queries: list[Que
 
 def run_task(model: torch.nn.Module, tokenizer: Any, task: TaskSpec, *, eos_id: int, pad_id: int,
              batch_size: int = 8, limit: int | None = None, chat_template: str | None = None,
-             chat: bool | None = None, device: torch.device | str | None = None, num_samples: int = 5,
+             chat: bool | None = None, device: torch.device | str | None = None, num_samples: int | None = 5,
              confidence: float = 0.95) -> TaskResult:
     """Score ``model`` on ``task``: every metric with n and a confidence interval, per family, and samples.
 
     chat: render queries through a chat template (default: the task's ``chat`` key); the template is
     ``chat_template`` (the one the model was fine-tuned with) or else the task's ``chat_template``.
     limit: score only the first ``limit`` examples. device: where inputs go (default: the model's).
+    num_samples: how many per-example records (prompt, prediction, references, scores) to keep; None: all.
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")

@@ -231,7 +231,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str, **fixed: Any) -> Any:
 
 
 def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
-    """``value`` checked against a type hint (str, int, float, bool, Path, tuples, optionals, sections)."""
+    """``value`` checked against a type hint (str, int, float, bool, tuples, optionals, sections)."""
     if typing.get_origin(hint) in (Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -240,8 +240,7 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
             try:
                 return _coerce(value, option, where, key)
             except UserError:
-                if dataclasses.is_dataclass(option):
-                    raise
+                continue
         raise UserError(f"{where}: '{key}' must be {_describe(hint)}, got {_show(value)}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where, key + ".")
