@@ -123,8 +123,6 @@ def _prompt_ids(model: Transformer, cfg: PeftConfig, tokenizer) -> Tensor:
     n, device = cfg.num_virtual_tokens, model.tok_emb.weight.device
     if cfg.prompt_init_text is None:
         return torch.randint(model.cfg.vocab_size, (n,), device=device)
-    if tokenizer is None:
-        raise ValueError("peft.prompt_init_text needs the tokenizer: pass apply_peft(..., tokenizer=)")
     ids = tokenizer.encode(cfg.prompt_init_text).ids
     return torch.tensor((ids * (n // len(ids) + 1))[:n], dtype=torch.long, device=device)
 
@@ -136,14 +134,13 @@ def _apply_method(model: Transformer, cfg: PeftConfig, targets: list[str], token
         cls = LoRALinear if cfg.method == "lora" else DoRALinear
         for name in targets:
             _swap(model, name, cls(model.get_submodule(name), **lora))
-    elif cfg.method == "qlora":  # every linear in the blocks is quantised; the targets also get LoRA
-        quantised = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
-        for name in quantised + [t for t in targets if t not in quantised]:
-            base, nf4 = model.get_submodule(name), (cfg.nf4_block_size, cfg.double_quant)
-            if name not in targets:
-                _swap(model, name, NF4Linear(base, *nf4))
-            else:
-                _swap(model, name, QLoRALinear(base, *nf4, **lora) if name in quantised else LoRALinear(base, **lora))
+    elif cfg.method == "qlora":  # every linear in the blocks is stored in NF4; the targets also get LoRA
+        nf4 = {"block_size": cfg.nf4_block_size, "double_quant": cfg.double_quant}
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name.startswith("blocks."):
+                _swap(model, name, QLoRALinear(module, **nf4, **lora) if name in targets else NF4Linear(module, **nf4))
+        if "lm_head" in targets:  # outside the blocks: stays full precision
+            _swap(model, "lm_head", LoRALinear(model.lm_head, **lora))
     elif cfg.method == "ia3":
         for name in targets:
             add_ia3(model.get_submodule(name), on_input=name.endswith("down_proj"))
@@ -154,15 +151,13 @@ def _apply_method(model: Transformer, cfg: PeftConfig, targets: list[str], token
             add_bias_delta(model.get_submodule(name))
     elif cfg.method == "adapter":
         targets = add_bottleneck_adapters(model, cfg.adapter_size)
-    else:  # prefix, prompt
-        if cfg.num_virtual_tokens >= model.cfg.block_size:
-            raise UserError(f"peft.num_virtual_tokens={cfg.num_virtual_tokens} must be below the model's "
-                            f"block_size={model.cfg.block_size}")
-        if cfg.method == "prefix":
-            model.prefix_tuning = PrefixTuning(model, cfg.num_virtual_tokens, cfg.prefix_projection, cfg.prefix_hidden)
-        else:
-            model.prompt_tuning = PromptTuning(model, _prompt_ids(model, cfg, tokenizer))
-        targets = [f"{cfg.method}_tuning"]
+    elif cfg.method == "prefix":
+        model.prefix_tuning = PrefixTuning(model, cfg.num_virtual_tokens, cfg.prefix_projection, cfg.prefix_hidden)
+        targets = ["prefix_tuning"]
+    else:
+        assert cfg.method == "prompt", cfg.method
+        model.prompt_tuning = PromptTuning(model, _prompt_ids(model, cfg, tokenizer))
+        targets = ["prompt_tuning"]
     return targets
 
 
@@ -170,9 +165,14 @@ def apply_peft(model: Transformer, cfg: PeftConfig, tokenizer=None) -> PeftInfo:
     """Freeze `model` and add cfg's method in place (tokenizer: only for prompt_init_text)."""
     if getattr(model, "peft_state", None) is not None:
         raise ValueError("a PEFT method is already applied to this model")
-    fingerprint = base_fingerprint(model)
-    model.requires_grad_(False)
     targets = _target_modules(model, cfg.target_patterns()) if cfg.method in TARGETED_METHODS else []
+    if cfg.method in ("prefix", "prompt") and cfg.num_virtual_tokens >= model.cfg.block_size:
+        raise UserError(f"peft.num_virtual_tokens={cfg.num_virtual_tokens} must be below the model's "
+                        f"block_size={model.cfg.block_size}")
+    if cfg.prompt_init_text is not None and tokenizer is None:
+        raise ValueError("peft.prompt_init_text needs the tokenizer: pass apply_peft(..., tokenizer=)")
+    fingerprint = base_fingerprint(model)
+    model.requires_grad_(False)  # after the checks: a refused config leaves the model as it was
     targets = _apply_method(model, cfg, targets, tokenizer)
     adapter_keys = [name for name, p in model.named_parameters() if p.requires_grad]
     model.peft_state = PeftState(cfg, fingerprint, adapter_keys)
