@@ -214,3 +214,6 @@ ROOTS: dict[str, type] = {
     "generate": GenerateConfig,
     "evaluate": EvaluateConfig,
 }
+
+# The alignment roots (reward, dpo, ppo) live in schema_align, which adds them to ROOTS when imported.
+import llmkit.config.schema_align  # noqa: E402,F401
