@@ -1,0 +1,57 @@
+"""`llmkit ppo`: PPO on an SFT policy with a frozen reference, a value model and a reward model or rule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from llmkit.commands.common import start_run
+from llmkit.commands.reward import load_sft_base, pair_meta
+from llmkit.config.schema_align import PPOConfig
+from llmkit.errors import UserError
+from llmkit.model.heads import ScalarModel
+from llmkit.rl.ppo import PPOModels, PPOTrainer
+from llmkit.rl.rewards import build_reward_source
+from llmkit.rl.rollout import load_prompts
+
+
+def run(cfg: PPOConfig, resolved_yaml: str) -> int:
+    runtime, run_dir = start_run("ppo", cfg, resolved_yaml)
+    if runtime.world_size > 1:
+        raise UserError("`llmkit ppo` runs in a single process; start it without accelerate launch / torchrun")
+    base = load_sft_base(cfg.init_from, "ppo")
+    tokenizer, meta, block = base.tokenizer, base.meta, base.model.cfg.block_size
+    if cfg.rollout.max_new_tokens >= block:
+        raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                        f"model's context of {block} tokens; lower it")
+    template = cfg.data.chat_template or meta.get("chat_template") or "chatml"
+    eos_token = meta.get("eos_token", "<|endoftext|>")
+    room = block - cfg.rollout.max_new_tokens
+    prompts, dropped = load_prompts(cfg.data, "train", tokenizer, template, eos_token, room)
+    val_prompts, _ = load_prompts(cfg.data, "validation", tokenizer, template, eos_token, room)
+    if len(prompts) < cfg.rollout.batch_size:
+        raise UserError(f"only {len(prompts)} training prompts fit in {room} tokens ({dropped} longer dropped), fewer "
+                        f"than rollout.batch_size={cfg.rollout.batch_size}; use more data or a smaller batch")
+    reward = build_reward_source(cfg.reward, tokenizer, runtime.device)
+    torch.manual_seed(cfg.train.seed)  # the value head's initial weights
+    models = PPOModels(policy=base.model, reference=copy.deepcopy(base.model),
+                       value=ScalarModel(copy.deepcopy(base.model)))
+    if runtime.is_main:
+        (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
+        print(f"ppo: {len(prompts)} training prompts ({dropped} too long dropped), {len(val_prompts)} held out; reward: "
+              f"{reward.name}; {cfg.rollout.batch_size} responses of <= {cfg.rollout.max_new_tokens} tokens per "
+              f"iteration; starting from {base.checkpoint}; run directory: {run_dir}")
+    run_meta = {**pair_meta(base, "ppo", template, base.model.cfg), "reward": reward.name}
+    trainer = PPOTrainer(cfg, models, reward, tokenizer, prompts, val_prompts, runtime, run_dir, run_meta,
+                         {"tokenizer.json": run_dir / "tokenizer.json"})
+    checkpoint = trainer.run()
+    if runtime.is_main:
+        before, after = trainer.first_val.get("val_reward"), trainer.last_val.get("val_reward")
+        if after is not None:
+            start = f"{before:.3f} -> " if before is not None else ""
+            print(f"done: iteration {trainer.iteration}, held-out greedy reward {start}{after:.3f} "
+                  f"(score {trainer.last_val['val_score']:.3f}, {trainer.last_val['val_ended']:.0%} ended with eos)")
+        print(f"checkpoint: {checkpoint}")
+        print(f"next: llmkit generate run={run_dir} prompt='What is 12 + 30?'")
+    return 0

@@ -1,0 +1,82 @@
+"""`llmkit reward`: a reward model (SFT trunk + scalar head) trained on preference pairs with Bradley-Terry."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from llmkit.commands.common import LoadedModel, load_trained, start_run
+from llmkit.config.schema_align import RewardConfig
+from llmkit.data.preference import PreferenceSets, preference_sets
+from llmkit.errors import UserError
+from llmkit.model.heads import ScalarModel
+from llmkit.model.transformer import flops_per_token
+from llmkit.rl.rewards import BradleyTerryObjective, PairTrainer
+from llmkit.train.loop import TrainSpec
+
+
+def load_sft_base(init_from: str, command: str) -> LoadedModel:
+    """The fine-tuned model to start from, with a how-to when there is none yet."""
+    if init_from == "runs/sft/latest" and not Path(init_from).exists():
+        raise UserError(f"`llmkit {command}` starts from a fine-tuned model and runs/sft/latest does not exist: "
+                        "run `llmkit sft` first (after `llmkit pretrain`), or pass init_from=<run or checkpoint>")
+    return load_trained(init_from)
+
+
+def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[PreferenceSets, str, int]:
+    """Tokenised preference pairs of `cfg.data` with the base run's chat template: (sets, template, seq_len)."""
+    meta, block = base.meta, base.model.cfg.block_size
+    seq_len = cfg.train.seq_len or block
+    if seq_len > block:
+        raise UserError(f"train.seq_len={seq_len} is longer than the model's context ({block})")
+    template = cfg.data.chat_template or meta.get("chat_template") or "chatml"
+    pad_id = base.tokenizer.token_to_id(meta.get("pad_token", "<|pad|>"))
+    sets = preference_sets(cfg.data, base.tokenizer, template, meta.get("eos_token", "<|endoftext|>"),
+                           pad_id if pad_id is not None else 0, seq_len)
+    if is_main:
+        (run_dir / "tokenizer.json").write_text(base.tokenizer.to_str())
+        s, v = sets.stats, sets.val_stats
+        print(f"preference data: {s.pairs} training pairs ({s.identical} identical and {s.too_long} longer than "
+              f"{seq_len} tokens dropped), {v.pairs} held out; chat template {template}; "
+              f"starting from {base.checkpoint}; run directory: {run_dir}")
+    return sets, template, seq_len
+
+
+def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict:
+    """Checkpoint meta of a run fine-tuned from `base` on pairs (tokens, template, lineage)."""
+    kept = {k: v for k, v in base.meta.items() if k not in ("step", "val_loss", "kind")}
+    return {**kept, "command": command, "model": dataclasses.asdict(model_cfg), "base": str(base.checkpoint),
+            "chat_template": template}
+
+
+def report(result, trainer: PairTrainer, run_dir: Path, what: str) -> None:
+    """The final held-out numbers and where the run is."""
+    stats = trainer.val_stats
+    if stats:
+        print(f"done: step {result.step}, held-out {what} accuracy {stats['val_accuracy']:.3f}, margin "
+              f"{stats['val_margin']:.3f} (chosen {stats['val_chosen_mean']:.3f} ± {stats['val_chosen_std']:.3f}, "
+              f"rejected {stats['val_rejected_mean']:.3f} ± {stats['val_rejected_std']:.3f}), "
+              f"validation loss {result.last_val:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+
+
+def run(cfg: RewardConfig, resolved_yaml: str) -> int:
+    runtime, run_dir = start_run("reward", cfg, resolved_yaml)
+    base = load_sft_base(cfg.init_from, "reward")
+    sets, template, seq_len = pair_data(cfg, base, run_dir, runtime.is_main)
+    torch.manual_seed(cfg.train.seed)  # the head's initial weights
+    model = ScalarModel(base.model).train()
+    spec = TrainSpec(
+        command="reward", model=model, objective=BradleyTerryObjective(cfg.loss.margin, cfg.loss.centering),
+        train_set=sets.train, val_set=sets.val, run_dir=run_dir,
+        meta={**pair_meta(base, "reward", template, model.cfg), "kind": "reward"},
+        flops_per_token=flops_per_token(model.cfg, seq_len), files={"tokenizer.json": run_dir / "tokenizer.json"},
+    )
+    trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)
+    result = trainer.run()
+    if runtime.is_main:
+        report(result, trainer, run_dir, "pairwise")
+        print(f"next: llmkit ppo reward.model={run_dir}")
+    return 0

@@ -1,0 +1,192 @@
+"""Rewards: learned from preference pairs (reward model, DPO's implicit reward) and served to PPO.
+
+Pair objectives plug into the shared loop (`llmkit.train.loop`): `count` is the number of pairs in
+a micro-batch and the loss is summed over pairs, so accumulation normalises by all pairs of the
+global batch. In evaluation they also collect the rewards of each side, which `PairTrainer` turns
+into held-out accuracy and reward statistics logged next to val_loss.
+
+PPO's reward sources score finished rollouts: a trained reward model (the score at the last real
+token, i.e. the response's eos) or a rule (exact match with the known answer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from llmkit.config.schema_align import RewardSourceConfig
+from llmkit.data.tinyworld import score_exact
+from llmkit.errors import UserError
+from llmkit.model.heads import last_token_values, load_scalar_model
+from llmkit.rl.losses import bradley_terry_loss, dpo_loss, logprobs_from_logits, sequence_logprob
+from llmkit.train.loop import Trainer
+
+Batch = dict[str, Tensor]
+SUMS = ("pairs", "correct", "chosen", "chosen_sq", "rejected", "rejected_sq")
+
+
+# ---------------------------------------------------------------- learning from pairs
+
+
+class PairObjective:
+    """A loss over (chosen, rejected) rewards; in eval mode it also sums those rewards into `collected`."""
+
+    def __init__(self) -> None:
+        self.collected: dict[str, Tensor] | None = None  # set by PairTrainer.evaluate
+
+    def count(self, batch: Batch) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """(loss summed over pairs, batch-mean stats, chosen rewards (N,), rejected rewards (N,))."""
+        raise NotImplementedError
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        loss_sum, stats, chosen, rejected = self.compute(model, batch)
+        n = chosen.numel()
+        if self.collected is not None and not model.training:
+            chosen, rejected = chosen.detach().float(), rejected.detach().float()
+            for key, value in zip(SUMS, (torch.tensor(float(n)), (chosen > rejected).sum(), chosen.sum(),
+                                         chosen.square().sum(), rejected.sum(), rejected.square().sum()), strict=True):
+                self.collected[key] = self.collected[key] + value.to(self.collected[key].device)
+        return loss_sum, {key: value * n for key, value in stats.items()}  # the loop divides by the pair count
+
+
+def held_out_stats(sums: dict[str, float]) -> dict[str, float]:
+    """val_accuracy, val_margin and mean/std of each side's rewards from summed rewards."""
+    n = sums.get("pairs", 0.0)
+    if not n:
+        return {}
+    out = {"val_accuracy": sums["correct"] / n, "val_margin": (sums["chosen"] - sums["rejected"]) / n}
+    for side in ("chosen", "rejected"):
+        mean = sums[side] / n
+        out[f"val_{side}_mean"] = mean
+        out[f"val_{side}_std"] = math.sqrt(max(sums[f"{side}_sq"] / n - mean * mean, 0.0))
+    return out
+
+
+class PairTrainer(Trainer):
+    """The shared loop; each evaluation also reports held-out pair accuracy and reward statistics."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_stats: dict[str, float] = {}
+        self.metrics = _WithHeldOut(self.metrics, self)
+
+    def evaluate(self) -> float | None:
+        objective = self.spec.objective
+        objective.collected = {key: torch.zeros((), device=self.runtime.device) for key in SUMS}
+        try:
+            val_loss = super().evaluate()
+            sums = {key: self.runtime.sum(value).item() for key, value in objective.collected.items()}
+        finally:
+            objective.collected = None
+        self.val_stats = held_out_stats(sums)
+        return val_loss
+
+
+class _WithHeldOut:
+    """Adds the trainer's latest held-out statistics to every record that carries a val_loss."""
+
+    def __init__(self, inner: Any, trainer: PairTrainer) -> None:
+        self.inner, self.trainer = inner, trainer
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        self.inner.log(step, {**record, **self.trainer.val_stats} if "val_loss" in record else record)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class BradleyTerryObjective(PairObjective):
+    """Reward-model loss: the scalar head read at each sequence's last real token (its closing eos)."""
+
+    def __init__(self, margin: float, centering: float) -> None:
+        super().__init__()
+        self.margin, self.centering = margin, centering
+
+    def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        mask = batch["attention_mask"]
+        rewards = last_token_values(model(batch["input_ids"], mask), mask)  # (2N,)
+        n = rewards.shape[0] // 2
+        chosen, rejected = rewards[:n], rewards[n:]
+        loss, stats = bradley_terry_loss(chosen, rejected, self.margin or None, self.centering)
+        stats.update(reward_chosen=chosen.detach().mean(), reward_rejected=rejected.detach().mean())
+        return loss, stats, chosen, rejected
+
+
+def response_logprobs(model: torch.nn.Module, batch: Batch, average: bool) -> Tensor:
+    """Log-prob (B,) of each row's response tokens given what precedes them (summed, or averaged per token)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(ids, attention_mask=mask)  # (B, T, V)
+    token_logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1)
+    return sequence_logprob(token_logp, batch["response_mask"][:, 1:], average=average)
+
+
+class DPOObjective(PairObjective):
+    """DPO / IPO against a frozen reference whose log-probs are computed here, without gradient."""
+
+    def __init__(self, reference: torch.nn.Module, kind: str, beta: float, label_smoothing: float) -> None:
+        super().__init__()
+        self.reference = reference.eval().requires_grad_(False)
+        self.kind, self.beta, self.label_smoothing = kind, beta, label_smoothing
+
+    def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        average = self.kind == "ipo"  # IPO's target is in per-token units (llmkit.rl.losses)
+        policy = response_logprobs(model, batch, average)  # (2N,)
+        with torch.no_grad():
+            reference = response_logprobs(self.reference, batch, average)  # (2N,)
+        n = policy.shape[0] // 2
+        loss, stats = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.kind,
+                               self.label_smoothing)
+        ratios = (policy - reference).detach() * self.beta  # implicit rewards
+        return loss, stats, ratios[:n], ratios[n:]
+
+
+# ---------------------------------------------------------------- scoring PPO rollouts
+
+
+class RewardSource(Protocol):
+    name: str
+
+    def __call__(self, tokens: Tensor, attention_mask: Tensor, texts: list[str], answers: list[str | None]) -> Tensor:
+        """Scores (B,) of finished rollouts: ids and mask (B, T) of prompt + response, response texts, known answers."""
+
+
+class ModelReward:
+    """A trained reward model's score at each sequence's last real token."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        self.model, self.name = model.eval().requires_grad_(False), name
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, attention_mask: Tensor, texts: list[str], answers: list[str | None]) -> Tensor:
+        return self.model.score(tokens, attention_mask)
+
+
+class ExactMatchReward:
+    """1 when the response's first line equals the known answer (whitespace normalised), else 0."""
+
+    name = "exact_match"
+
+    def __call__(self, tokens: Tensor, attention_mask: Tensor, texts: list[str], answers: list[str | None]) -> Tensor:
+        if any(a is None for a in answers):
+            raise UserError("reward.rule=exact_match needs a known answer for every prompt (data.answer_field); "
+                            "or use a trained reward model: reward.model=<a `llmkit reward` run>")
+        return torch.tensor([float(score_exact(t, a)) for t, a in zip(texts, answers, strict=True)])
+
+
+def build_reward_source(cfg: RewardSourceConfig, tokenizer, device: torch.device) -> RewardSource:
+    """The reward model named by reward.model (same tokenizer as the policy required), else the rule."""
+    if cfg.model is None:
+        return ExactMatchReward()
+    from llmkit.tokenizer.bpe import load_tokenizer
+
+    model, _, checkpoint = load_scalar_model(cfg.model, "reward")
+    if load_tokenizer(checkpoint / "tokenizer.json").get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"reward.model={cfg.model} uses a different tokenizer than the policy; train the reward "
+                        "model from the same SFT run (llmkit reward init_from=<it>)")
+    return ModelReward(model.to(device), f"reward model {checkpoint}")

@@ -1,0 +1,140 @@
+"""`llmkit reward`, `llmkit dpo` and `llmkit ppo` end to end through the real CLI on the tiny world."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.commands.test_resume import last_logged_step, start, wait_for
+from tests.conftest import cli_env
+
+# Fields that depend on the machine's speed, not on what the run computed.
+TIMING = ("tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s", "mfu")
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(cache_dir, cwd, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=cwd, env=cli_env(cache_dir),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tiny_run, cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("align") / "sft"
+    done = run_cli(cache_dir, out.parent, "sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={out}",
+                   "logger.tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_sft, cache_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tiny_sft.parent / "reward"
+    done = run_cli(cache_dir, out.parent, "reward", "tiny/reward", f"init_from={tiny_sft}", f"out_dir={out}",
+                   "logger.tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def ppo_args(init: Path, out: Path, *extra: str) -> list[str]:
+    return ["ppo", "tiny/ppo", f"init_from={init}", f"out_dir={out}", "logger.tensorboard=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def ppo_reference(tiny_sft, cache_dir) -> Path:
+    out = tiny_sft.parent / "ppo"
+    done = run_cli(cache_dir, out.parent, *ppo_args(tiny_sft, out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_reward_model_learns_and_is_saved_as_one(reward_run):
+    run, done = reward_run
+    rows = records(run)
+    vals = [r for r in rows if "val_loss" in r]
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] and vals[-1]["val_loss"] < math.log(2), vals
+    assert vals[-1]["val_accuracy"] > 0.5, vals
+    for key in ("val_margin", "val_chosen_mean", "val_chosen_std", "val_rejected_mean", "val_rejected_std"):
+        assert key in vals[-1]
+    assert "held-out pairwise accuracy" in done.stdout
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["kind"] == "reward" and meta["command"] == "reward"
+    assert {"head.weight", "head.bias"} <= set(load_file(str(latest / "model.safetensors")))
+    from llmkit.model.heads import load_scalar_model
+
+    model, _, _ = load_scalar_model(str(run), "reward")
+    assert model.head.weight.shape == (1, meta["model"]["d_model"])
+
+
+def test_dpo_moves_accuracy_and_margin_the_right_way(tiny_sft, cache_dir):
+    out = tiny_sft.parent / "dpo"
+    done = run_cli(cache_dir, out.parent, "dpo", "tiny/dpo", f"init_from={tiny_sft}", f"out_dir={out}",
+                   "logger.tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    last = [r for r in records(out) if "val_loss" in r][-1]
+    # at the start the policy is its reference: every implicit reward is 0, the loss log 2, the margin 0
+    assert last["val_loss"] < math.log(2) and last["val_margin"] > 0 and last["val_accuracy"] > 0.5, last
+    meta = json.loads((out / "checkpoints" / "step_000016" / "meta.json").read_text())
+    assert meta["command"] == "dpo" and meta["chat_template"] == "chatml"
+
+
+def test_ppo_runs_and_logs_every_iteration(ppo_reference):
+    rows = records(ppo_reference)
+    assert rows[0]["step"] == 0 and "val_reward" in rows[0]  # the held-out reward before training
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "explained_variance",
+                "response_length", "ended", "rollout_tokens_per_s", "update_tokens_per_s", "grad_norm"):
+        assert all(key in r for r in rows[1:]), key
+    assert rows[1]["kl"] == 0.0  # the first rollout comes from the reference policy itself
+    assert "val_reward" in rows[-1]
+    assert (ppo_reference / "checkpoints" / "step_000006" / "value.safetensors").is_file()
+
+
+def test_ppo_with_a_trained_reward_model(tiny_sft, reward_run, cache_dir):
+    out = tiny_sft.parent / "ppo-rm"
+    done = run_cli(cache_dir, out.parent, *ppo_args(tiny_sft, out, f"reward.model={reward_run[0]}",
+                                                     "train.max_steps=2", "train.eval_every=2"))
+    assert done.returncode == 0, done.stderr
+    assert "reward model" in done.stdout
+    assert [r["step"] for r in records(out)] == [0, 1, 2]
+
+
+def test_ppo_sigkill_then_resume_is_bit_identical(ppo_reference, tiny_sft, cache_dir, tmp_path):
+    run = tmp_path / "ppo"
+    proc = start(ppo_args(tiny_sft, run), cache_dir, tmp_path)
+    wait_for(lambda: last_logged_step(run) >= 3, proc)  # past the checkpoint of iteration 2
+    proc.kill()
+    proc.wait()
+    done = run_cli(cache_dir, tmp_path, *ppo_args(tiny_sft, run, "train.resume=auto"))
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    final = "checkpoints/step_000006"
+    for name in ("model.safetensors", "value.safetensors"):
+        ours, theirs = load_file(str(run / final / name)), load_file(str(ppo_reference / final / name))
+        assert ours.keys() == theirs.keys()
+        assert all((ours[k] == theirs[k]).all() for k in theirs), name
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in records(run)]
+    assert json.dumps(strip) == json.dumps([{k: v for k, v in r.items() if k not in TIMING}
+                                            for r in records(ppo_reference)])
+
+
+def test_alignment_without_an_sft_run_says_how(cli):
+    for command in ("reward", "ppo"):  # dpo starts the same way as reward
+        done = cli(command, "logger.tensorboard=false")
+        assert done.returncode == 2, done.stderr
+        assert "llmkit sft" in done.stderr and "init_from=" in done.stderr
+
+
+def test_bad_settings_name_the_key(cli):
+    done = cli("ppo", "rollout.batch_size=12", "--print-config")
+    assert done.returncode == 2 and "ppo.minibatch_size" in done.stderr
+    done = cli("dpo", "loss.kind=hinge", "--print-config")
+    assert done.returncode == 2 and "loss.kind" in done.stderr
