@@ -14,11 +14,12 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UserError
+
+if TYPE_CHECKING:  # torch loads in the functions that need it: `llmkit tokenize` (via rundir) never does
+    import torch
 
 COMPLETE = "COMPLETE"
 WEIGHTS = "model.safetensors"
@@ -74,6 +75,8 @@ def begin_checkpoint(root: Path, step: int) -> Path:
 
 def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
     """Every process: its own RNG state (and anything else per-process)."""
+    import torch
+
     torch.save(state, tmp / f"rng_{rank}.pt")
 
 
@@ -87,6 +90,7 @@ def finish_checkpoint(
     files: dict[str, Path],
 ) -> Path:
     """Main process: write weights, state and meta, mark complete, rename into place, move `latest`."""
+    import torch
     from safetensors.torch import save_file
 
     save_file(unique_tensors(tensors), str(tmp / WEIGHTS))
@@ -223,6 +227,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, strict: bool = True) -> None:
     """Copy tensors into the model, listing every missing, unexpected or mis-shaped tensor on mismatch."""
+    import torch
+
     own = model.state_dict()
     tied = set(own) - set(unique_tensors(own))
     problems = []
@@ -243,6 +249,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 def load_train_state(path: Path) -> dict[str, Any]:
     """Optimizer/scheduler/RNG state, loaded with weights_only=True (never unpickling code)."""
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them
             warnings.simplefilter("ignore")
