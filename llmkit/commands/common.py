@@ -22,9 +22,21 @@ def start_run(command: str, cfg: Any, resolved_yaml: str) -> tuple[Runtime, Path
     run_dir, harmless = prepare_run_dir(command, cfg.out_dir, cfg.name, resolved_yaml, cfg.train.resume,
                                         cfg.train.overwrite, runtime.is_main)
     runtime.barrier()
+    seed_everything(cfg.train.seed)
     if harmless and runtime.is_main:
         print(f"resuming with changed settings: {'; '.join(harmless)}")
     return runtime, run_dir
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so a run (and anything it initialises, e.g. adapters) repeats exactly."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
@@ -48,19 +60,71 @@ class LoadedModel:
 
 
 def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """A model and its tokenizer from a run directory, checkpoint directory or `runs/<cmd>/latest`."""
+    """A model and its tokenizer from a run directory, checkpoint directory, `runs/<cmd>/latest`,
+    or a PEFT run/adapter (the base is loaded from where the adapter says, then the adapter on top)."""
     from llmkit.model.transformer import Transformer
     from llmkit.tokenizer.bpe import load_tokenizer
 
+    given = Path(path)
+    if (given / "adapter_config.json").is_file() and not (given / ckpt.COMPLETE).is_file() and \
+            not (given / "checkpoints").is_dir():
+        return _load_adapter_dir(given, device)
     checkpoint = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(checkpoint)
     if "model" not in meta:
         raise UserError(f"{checkpoint}/meta.json has no model config; was it written by llmkit?")
+    tensors = ckpt.read_tensors(checkpoint / ckpt.WEIGHTS)
+    if meta.get("kind") == "adapter":
+        loaded = load_trained(meta["base"], "cpu")
+        _attach_adapter(loaded.model, checkpoint, tensors, loaded.tokenizer)
+        return LoadedModel(loaded.model.to(device).eval(), load_tokenizer(checkpoint / "tokenizer.json"), meta, checkpoint)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = Transformer(ModelConfig(**{k: v for k, v in meta["model"].items() if k in known}))
-    ckpt.load_weights(model, ckpt.read_tensors(checkpoint / ckpt.WEIGHTS), checkpoint)
+    ckpt.load_weights(model, tensors, checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
     return LoadedModel(model.to(device).eval(), tokenizer, meta, checkpoint)
+
+
+def _attach_adapter(model: torch.nn.Module, directory: Path, tensors: dict, tokenizer) -> None:
+    """Apply the adapter described by directory/adapter_config.json to `model` and load its tensors,
+    refusing a base that is not the one the adapter was trained on."""
+    import json
+
+    from llmkit.peft.apply import apply_peft, base_fingerprint
+    from llmkit.peft.config import PeftConfig
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config["base_fingerprint"] != base_fingerprint(model):
+        raise UserError(f"the adapter in {directory} was trained on another base model "
+                        f"({config.get('base_info', {}).get('checkpoint', 'unknown')}); load it onto that base")
+    apply_peft(model, PeftConfig(**config["peft"]), tokenizer)
+    missing = set(config["tensors"]) - set(tensors)
+    if missing:
+        raise UserError(f"{directory}: the adapter file lacks {sorted(missing)[:5]}")
+    ckpt.load_weights(model, tensors, directory, strict=False)
+
+
+def _load_adapter_dir(directory: Path, device) -> LoadedModel:
+    """A standalone adapter directory (adapter.safetensors + adapter_config.json) on its recorded base."""
+    import json
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    base_path = config.get("base_info", {}).get("checkpoint")
+    if not base_path:
+        raise UserError(f"{directory}/adapter_config.json does not say which base it belongs to")
+    loaded = load_trained(base_path, "cpu")
+    _attach_adapter(loaded.model, directory, ckpt.read_tensors(directory / "adapter.safetensors"), loaded.tokenizer)
+    meta = {**loaded.meta, "kind": "adapter", "base": base_path}
+    return LoadedModel(loaded.model.to(device).eval(), loaded.tokenizer, meta, directory)
+
+
+def write_merged_checkpoint(model: torch.nn.Module, directory: Path, meta: dict, tokenizer_path: Path) -> Path:
+    """A plain, complete checkpoint directory (loadable by generate/evaluate/sft) from a merged model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.begin_checkpoint(directory, meta.get("step", 0))
+    meta = {**meta, "model": dataclasses.asdict(model.cfg)}
+    return ckpt.finish_checkpoint(directory, tmp, meta.get("step", 0), model.state_dict(), {}, meta,
+                                  {"tokenizer.json": tokenizer_path})
 
 
 def check_tokenizer_fits(vocab_size: int, cfg: ModelConfig, source: str) -> None:

@@ -1,4 +1,4 @@
-"""`llmkit evaluate`: held-out loss, perplexity and bits per byte of runs/checkpoints, side by side."""
+"""`llmkit evaluate`: held-out perplexity and task suites of runs/checkpoints, side by side in one table."""
 
 from __future__ import annotations
 
@@ -33,36 +33,66 @@ def heldout_tokens(cfg: EvaluateConfig, loaded: LoadedModel) -> tuple[np.ndarray
     return load_shard(tokens_dir, "val"), "validation split"
 
 
+def perplexity(cfg: EvaluateConfig, name: str, loaded: LoadedModel, device) -> dict:
+    seq_len = cfg.seq_len or loaded.config.block_size
+    if seq_len > loaded.config.block_size:
+        raise UserError(f"seq_len={seq_len} is longer than {name}'s context of {loaded.config.block_size}")
+    tokens, source = heldout_tokens(cfg, loaded)
+    scores = evaluate_lm(loaded.model, tokens, seq_len, cfg.batch_size, bytes_per_token_id(loaded.tokenizer),
+                         cfg.max_batches, device)
+    return {"heldout": source, **scores}
+
+
 def run(cfg: EvaluateConfig, resolved_yaml: str) -> int:
+    from llmkit.eval.harness import results_table_rows, run_task
+    from llmkit.eval.tasks import load_task
+
     device = resolve_device(cfg.device)
-    results = []
+    overrides = {"num_fewshot": cfg.num_fewshot} if cfg.num_fewshot is not None else None
+    tasks = [load_task(name, overrides) for name in cfg.tasks]  # validate every task before any model loads
+    results, task_results = [], {}
     for name in cfg.runs:
         loaded = load_trained(name, device)
-        seq_len = cfg.seq_len or loaded.config.block_size
-        if seq_len > loaded.config.block_size:
-            raise UserError(f"seq_len={seq_len} is longer than {name}'s context of {loaded.config.block_size}")
-        tokens, source = heldout_tokens(cfg, loaded)
-        scores = evaluate_lm(loaded.model, tokens, seq_len, cfg.batch_size, bytes_per_token_id(loaded.tokenizer),
-                             cfg.max_batches, device)
-        results.append({"run": name, "checkpoint": str(loaded.checkpoint), "step": loaded.meta.get("step"),
-                        "heldout": source, **scores})
-    table = Table(title="held-out language modelling")
-    for column in ("run", "step", "heldout", "tokens", "loss", "perplexity", "bits/byte"):
-        table.add_column(column, justify="left" if column in ("run", "heldout") else "right")
-    for r in results:
-        table.add_row(r["run"], str(r["step"]), r["heldout"], str(r["tokens"]), f"{r['loss']:.4f}",
-                      f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")
+        entry = {"run": name, "checkpoint": str(loaded.checkpoint), "step": loaded.meta.get("step")}
+        if cfg.perplexity:
+            entry["perplexity"] = perplexity(cfg, name, loaded, device)
+        tok, meta = loaded.tokenizer, loaded.meta
+        eos_id = tok.token_to_id(meta.get("eos_token", "<|endoftext|>"))
+        pad_id = tok.token_to_id(meta.get("pad_token", "<|pad|>")) or 0
+        task_results[name] = [run_task(loaded.model, tok, task, eos_id=eos_id, pad_id=pad_id, batch_size=cfg.batch_size,
+                                       limit=cfg.limit, chat_template=meta.get("chat_template"), device=device)
+                              for task in tasks]
+        entry["tasks"] = [r.to_dict() for r in task_results[name]]
+        results.append(entry)
     console = Console(highlight=False)
     if not console.is_terminal:
-        console.width = 160
-    console.print(table)
+        console.width = 200
+    if cfg.perplexity:
+        console.print(_perplexity_table(results))
+    if tasks:
+        columns, rows = results_table_rows(task_results)
+        table = Table(title="tasks (value [95% interval] n)")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     output = Path(cfg.output) if cfg.output else Path(results[0]["checkpoint"]).parent.parent / "eval.json"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
     except OSError as error:
-        blocker = next((parent for parent in output.parents if parent.is_file()), None)
-        reason = f"{blocker} is a file, not a directory" if blocker else error.strerror
-        raise UserError(f"cannot write {output} ({reason}); set output=<path>") from None
+        raise UserError(f"cannot write {output} ({error.strerror}); set output=<path>") from None
     print(f"wrote {output}")
     return 0
+
+
+def _perplexity_table(results: list[dict]) -> Table:
+    table = Table(title="held-out language modelling")
+    for column in ("run", "step", "heldout", "tokens", "loss", "perplexity", "bits/byte"):
+        table.add_column(column, justify="left" if column in ("run", "heldout") else "right")
+    for r in results:
+        p = r["perplexity"]
+        table.add_row(r["run"], str(r["step"]), p["heldout"], str(p["tokens"]), f"{p['loss']:.4f}",
+                      f"{p['perplexity']:.2f}", f"{p['bits_per_byte']:.4f}")
+    return table

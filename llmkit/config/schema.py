@@ -13,6 +13,7 @@ from llmkit.data.config import CorpusConfig
 from llmkit.data.sft_config import SFTDataConfig
 from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
+from llmkit.peft.config import PeftConfig
 from llmkit.tokenizer.config import TokenizerConfig
 
 
@@ -91,6 +92,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "save_every", "log_every"):
             value = getattr(self, key)
             _check(value > 0, f"train.{key} must be positive, got {value}")
+        _check(self.batch_size % self.micro_batch_size == 0,
+               f"train.batch_size={self.batch_size} must be a multiple of train.micro_batch_size={self.micro_batch_size}")
         _check(self.seq_len is None or self.seq_len > 0, f"train.seq_len must be positive, got {self.seq_len}")
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
@@ -155,6 +158,19 @@ class SFTConfig(RunConfig):
 
 
 @dataclass
+class PeftRunConfig(SFTConfig):
+    """`llmkit peft`: train a small set of new or selected parameters; the base stays frozen."""
+
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    objective: str = "sft"  # sft: instruction data in data.* | lm: plain text in corpus.* (domain adaptation)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # objective=lm: the text to adapt to
+    merge: bool = False  # also write a merged plain checkpoint (lora, dora, qlora, ia3, bitfit)
+
+    def __post_init__(self) -> None:
+        _choice("objective", self.objective, ("sft", "lm"))
+
+
+@dataclass
 class SamplingConfig:
     """How tokens are drawn: greedy at temperature 0."""
 
@@ -166,10 +182,10 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)  # stop strings (the end-of-sequence token always stops)
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens > 0, f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        _check(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        _check(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null, got {self.top_k}")
-        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.max_new_tokens > 0, f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"sampling.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        _check(self.top_k is None or self.top_k >= 1, f"sampling.top_k must be >= 1 or null, got {self.top_k}")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -189,28 +205,36 @@ class GenerateConfig:
 
 @dataclass
 class EvaluateConfig:
-    """`llmkit evaluate`: held-out loss, perplexity and bits per byte of runs or checkpoints."""
+    """`llmkit evaluate`: held-out perplexity and task suites for runs or checkpoints, side by side."""
 
     runs: list[str] = field(default_factory=lambda: ["runs/pretrain/latest"])
+    perplexity: bool = True  # held-out loss, perplexity and bits per byte
     heldout: str = "run"  # run: each run's own validation split | data: the whole corpus given in data.*
     data: CorpusConfig = field(default_factory=CorpusConfig)
+    tasks: list[str] = field(default_factory=list)  # task names (conf/eval_tasks) or YAML paths, e.g. [tinyworld_gen]
+    num_fewshot: int | None = None  # override every task's k-shot count (examples from a separate split)
+    limit: int | None = None  # score at most this many examples per task
     seq_len: int | None = None  # None: the model's context
     batch_size: int = 8
-    max_batches: int | None = None  # None: the whole split
+    max_batches: int | None = None  # perplexity: None scores the whole split
     output: str | None = None  # a JSON file for the results; None: <first run>/eval.json
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("heldout", self.heldout, ("run", "data"))
         _check(len(self.runs) > 0, "runs must name at least one run or checkpoint")
+        _check(self.perplexity or len(self.tasks) > 0, "nothing to evaluate: set perplexity=true or tasks=[...]")
         _check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         _check(self.max_batches is None or self.max_batches > 0, f"max_batches must be positive, got {self.max_batches}")
+        _check(self.limit is None or self.limit > 0, f"limit must be positive, got {self.limit}")
+        _check(self.num_fewshot is None or self.num_fewshot >= 0, f"num_fewshot must be >= 0, got {self.num_fewshot}")
 
 
 ROOTS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
+    "peft": PeftRunConfig,
     "generate": GenerateConfig,
     "evaluate": EvaluateConfig,
 }

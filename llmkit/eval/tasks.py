@@ -1,6 +1,6 @@
 """Evaluation tasks defined in YAML, so adding one needs no code; their examples turned into queries.
 
-Shipped tasks live in ``conf/tasks/<name>.yaml``; any other YAML path works too. Keys (strictly
+Shipped tasks live in ``conf/eval_tasks/<name>.yaml``; any other YAML path works too. Keys (strictly
 checked: an unknown key is an error naming the file, the key and close matches)::
 
     name: my_task               # default: the file name
@@ -157,10 +157,10 @@ class Query:
 
 
 def tasks_dir() -> Path:
-    """The shipped tasks folder (``conf/tasks``), found the same way as the other configs."""
+    """The shipped tasks folder (``conf/eval_tasks``), found the same way as the other configs."""
     from llmkit.config.compose import config_roots
 
-    return config_roots()[0] / "tasks"
+    return config_roots()[0] / "eval_tasks"
 
 
 def list_tasks() -> list[str]:

@@ -61,12 +61,17 @@ def test_generate_is_reproducible_and_handles_a_batch(cli, tiny_run):
 def test_evaluate_compares_runs_in_one_table_and_json(cli, tiny_run, tmp_path):
     step10 = tiny_run / "checkpoints" / "step_000010"
     runs = [tiny_run] + ([step10] if step10.exists() else [])
-    done = cli("evaluate", f"runs=[{','.join(map(str, runs))}]", f"output={tmp_path / 'eval.json'}")
+    done = cli("evaluate", f"runs=[{','.join(map(str, runs))}]", f"output={tmp_path / 'eval.json'}",
+               "tasks=[tinyworld_choice,example_qa]", "limit=8", "num_fewshot=1")
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "eval.json").read_text())
     assert len(results) == len(runs)
-    final = results[0]
-    assert final["step"] == 30 and final["tokens"] > 0
+    final = results[0]["perplexity"]
+    assert results[0]["step"] == 30 and final["tokens"] > 0
     assert abs(final["perplexity"] - np.exp(final["loss"])) < 1e-3 * final["perplexity"]
     assert 0 < final["bits_per_byte"] < 10
-    assert "perplexity" in done.stdout
+    if len(runs) > 1:  # the later checkpoint fits the held-out text better
+        assert final["loss"] < results[1]["perplexity"]["loss"]
+    tasks = {t["task"]: t for t in results[0]["tasks"]}
+    assert tasks["tinyworld_choice"]["n"] == 8 and tasks["tinyworld_choice"]["num_fewshot"] == 1
+    assert "perplexity" in done.stdout and "tinyworld_choice" in done.stdout and "n=8" in done.stdout

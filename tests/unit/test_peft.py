@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-from peft_testing import (
+from tests.unit.peft_testing import (
     MERGEABLE,
     METHODS,
     STYLES,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft_testing import METHODS, STYLES, make_base, perturb_adapter, tokens
+from tests.unit.peft_testing import METHODS, STYLES, make_base, perturb_adapter, tokens
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import UserError

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from peft_testing import lm_loss, make_base, tokens
+from tests.unit.peft_testing import lm_loss, make_base, tokens
 
 from llmkit.peft.apply import apply_peft
 from llmkit.peft.config import PeftConfig

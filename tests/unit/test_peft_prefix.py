@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from peft_testing import STYLES, make_base, perturb_adapter, tokens
+from tests.unit.peft_testing import STYLES, make_base, perturb_adapter, tokens
 
 from llmkit.errors import UserError
 from llmkit.generate import generate

@@ -1,0 +1,84 @@
+"""`llmkit peft`: LoRA and its family on a frozen base, trained by the shared loop; saves only the adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from llmkit.commands.common import start_run, write_merged_checkpoint
+from llmkit.commands.sft import load_base
+from llmkit.config.schema import PeftRunConfig
+from llmkit.data.instruct import instruction_sets
+from llmkit.data.lm import TokenWindows
+from llmkit.data.prepare import prepare_tokens
+from llmkit.data.shards import load_shard
+from llmkit.errors import UserError
+from llmkit.model.transformer import flops_per_token
+from llmkit.peft.apply import adapter_state_dict, apply_peft, merge_adapter, save_adapter, trainable_summary
+from llmkit.tokenizer.config import TokenizerConfig
+from llmkit.train.loop import Trainer, TrainSpec
+from llmkit.train.objectives import CausalLM
+
+
+def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
+    runtime, run_dir = start_run("peft", cfg, resolved_yaml)
+    base = load_base(cfg.init_from, "peft")
+    model, tokenizer, meta = base.model, base.tokenizer, base.meta
+    seq_len = cfg.train.seq_len or model.cfg.block_size
+    if seq_len > model.cfg.block_size:
+        raise UserError(f"train.seq_len={seq_len} is longer than the model's context ({model.cfg.block_size})")
+    if runtime.is_main:
+        (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
+    if cfg.objective == "sft":
+        pad_id = tokenizer.token_to_id(meta.get("pad_token", "<|pad|>")) or 0
+        sets = instruction_sets(cfg.data, tokenizer, seq_len, meta.get("eos_token", "<|endoftext|>"), pad_id)
+        train_set, val_set = sets.train, sets.val
+    else:
+        tok_cfg = TokenizerConfig(path=str(run_dir / "tokenizer.json"), eos_token=meta.get("eos_token", "<|endoftext|>"))
+        tokens_dir, _ = prepare_tokens(cfg.corpus, tok_cfg, out_dir=run_dir / "tokens")
+        train_set = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=cfg.train.seed)
+        val_set = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False)
+    info = apply_peft(model, cfg.peft, tokenizer)
+    if runtime.is_main:
+        print_summary(model, info)
+    save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})  # the config, now
+    spec = TrainSpec(
+        command="peft", model=model, objective=CausalLM(), train_set=train_set, val_set=val_set, run_dir=run_dir,
+        meta={**{k: v for k, v in meta.items() if k not in ("step", "val_loss")}, "command": "peft", "kind": "adapter",
+              "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
+        flops_per_token=flops_per_token(model.cfg, seq_len), saved_tensors=adapter_state_dict,
+        files={"tokenizer.json": run_dir / "tokenizer.json", "adapter_config.json": run_dir / "adapter" / "adapter_config.json"},
+    )
+    result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
+    if runtime.is_main:
+        save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})
+        if cfg.merge:
+            merged = write_merged_checkpoint(merge_adapter(model), run_dir / "merged", {**spec.meta, "kind": "full",
+                                                                                        "step": result.step},
+                                             run_dir / "tokenizer.json")
+            print(f"merged checkpoint: {merged}")
+        if result.last_val is not None:
+            print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
+                  f"(perplexity {math.exp(min(result.last_val, 50)):.2f})")
+        size = (run_dir / "adapter" / "adapter.safetensors").stat().st_size
+        print(f"adapter: {run_dir / 'adapter'} ({size / 1e3:.1f} kB); checkpoint: {result.checkpoint}")
+        print(f"next: llmkit evaluate 'runs=[{base.checkpoint},{run_dir}]' tasks=[tinyworld_gen]")
+    return 0
+
+
+def print_summary(model, info) -> None:
+    """The parameter table: total, trainable and their share, per adapted module group."""
+    table = Table(title=f"peft: {info.method} (base frozen)")
+    for column in ("module", "trainable", "total", "share"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for row in trainable_summary(model):
+        table.add_row(row.name, f"{row.trainable:,}", f"{row.total:,}", f"{100 * row.share:.2f}%")
+    console = Console(highlight=False)
+    console.print(table)
+    if info.nf4_bytes:
+        console.print(f"qlora base weights: {info.nf4_bytes / 1e6:.2f} MB in NF4 vs {info.fp32_bytes / 1e6:.2f} MB fp32")
+
+
