@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from functools import partial
 
 from llmkit.data.lm import ListDataset
-from llmkit.data.sft import SFTStats, build_sft_examples, collate_packed, collate_padded, load_sft_records, pack_examples
+from llmkit.data.sft import (
+    SFTStats,
+    build_sft_examples,
+    collate_packed,
+    collate_padded,
+    load_sft_records,
+    pack_examples,
+)
 from llmkit.data.sft_config import SFTDataConfig
 from llmkit.errors import UserError
 from llmkit.tokenizer.chat import resolve_template

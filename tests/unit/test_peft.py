@@ -7,17 +7,6 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tests.unit.peft_testing import (
-    MERGEABLE,
-    METHODS,
-    STYLES,
-    lm_loss,
-    make_base,
-    perturb_adapter,
-    snapshot,
-    tiny_cfg,
-    tokens,
-)
 
 from llmkit.config.schema import OptimConfig
 from llmkit.errors import UserError
@@ -34,6 +23,17 @@ from llmkit.peft.config import PeftConfig
 from llmkit.peft.lora import DoRALinear, LoRALinear
 from llmkit.peft.nf4 import fake_quantize_nf4_
 from llmkit.train.optim import build_optimizer
+from tests.unit.peft_testing import (
+    MERGEABLE,
+    METHODS,
+    STYLES,
+    lm_loss,
+    make_base,
+    perturb_adapter,
+    snapshot,
+    tiny_cfg,
+    tokens,
+)
 
 
 def adapted(style: str, method: str, **kw):

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from tests.unit.peft_testing import METHODS, STYLES, make_base, perturb_adapter, tokens
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import UserError
@@ -20,6 +19,7 @@ from llmkit.peft.apply import (
     save_adapter,
 )
 from llmkit.peft.config import PeftConfig
+from tests.unit.peft_testing import METHODS, STYLES, make_base, perturb_adapter, tokens
 
 
 def saved(tmp_path, style="gpt2", method="lora", seed=0, **kw):

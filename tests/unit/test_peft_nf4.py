@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from tests.unit.peft_testing import lm_loss, make_base, tokens
 
 from llmkit.peft.apply import apply_peft
 from llmkit.peft.config import PeftConfig
@@ -17,6 +16,7 @@ from llmkit.peft.nf4 import (
     nf4_memory,
     quantize_nf4,
 )
+from tests.unit.peft_testing import lm_loss, make_base, tokens
 
 LEVELS = torch.tensor(NF4_VALUES)
 

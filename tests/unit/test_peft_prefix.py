@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-from tests.unit.peft_testing import STYLES, make_base, perturb_adapter, tokens
 
 from llmkit.errors import UserError
 from llmkit.generate import generate
 from llmkit.peft.apply import apply_peft
 from llmkit.peft.config import PeftConfig
+from tests.unit.peft_testing import STYLES, make_base, perturb_adapter, tokens
 
 VARIANTS = [("prefix", {}), ("prefix", {"prefix_projection": True}), ("prompt", {})]
 
