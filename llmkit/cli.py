@@ -68,8 +68,20 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
     if print_config:
         typer.echo(resolved_yaml, nl=False)
         return 0
+    launcher = getattr(cfg, "launcher", None)
+    if launcher is not None and launcher.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(command, args, launcher.num_processes)
     module = importlib.import_module(f"llmkit.commands.{command}")  # torch loads here, after validation
     return int(module.run(cfg, resolved_yaml) or 0)
+
+
+def _relaunch(command: str, args: list[str], num_processes: int) -> int:
+    """Run this same command in `num_processes` processes (torch.distributed.run: gloo on CPU, NCCL on GPU)."""
+    import subprocess
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+              "-m", "llmkit", command, *args]
+    return subprocess.call(launch)
 
 
 def _report(error: Exception, console) -> int:

@@ -21,6 +21,10 @@ def start_run(command: str, cfg: Any, resolved_yaml: str) -> tuple[Runtime, Path
     runtime = setup_runtime(cfg.train.device, cfg.train.precision)
     run_dir, harmless = prepare_run_dir(command, cfg.out_dir, cfg.name, resolved_yaml, cfg.train.resume,
                                         cfg.train.overwrite, runtime.is_main)
+    if runtime.world_size > 1:  # every process uses the main process's directory (its timestamp, its checks)
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir) if runtime.is_main else ""])[0])
     runtime.barrier()
     seed_everything(cfg.train.seed)
     if harmless and runtime.is_main:

@@ -114,6 +114,19 @@ class LoggerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Several processes on this machine: llmkit re-launches itself with torch.distributed.run.
+
+    For several GPUs or nodes you may also use `accelerate launch -m llmkit ...` or `torchrun -m llmkit ...`.
+    """
+
+    num_processes: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_processes >= 1, f"launcher.num_processes must be >= 1, got {self.num_processes}")
+
+
+@dataclass
 class RunConfig:
     """Fields every command shares: where the run lives."""
 
@@ -134,6 +147,7 @@ class TokenizeConfig(RunConfig):
 class PretrainConfig(RunConfig):
     """`llmkit pretrain`: causal language modelling on a corpus (tokenised on the fly if needed)."""
 
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tokens_dir: str | None = None  # output of `llmkit tokenize`; None: tokenise data with tokenizer (cached)
     init_from: str | None = None  # start from the weights of a run or checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,6 +164,7 @@ class SFTConfig(RunConfig):
     """`llmkit sft`: supervised fine-tuning on instruction data, loss on assistant tokens by default."""
 
     init_from: str = "runs/pretrain/latest"  # the pretrained run or checkpoint to start from
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)

@@ -70,6 +70,8 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     a resume whose config changed in ways that cannot resume exactly, and unwritable places.
     """
     path = Path(out_dir) if out_dir else default_out_dir(command, name)
+    if not is_main:  # the main process checks and writes; the others get its path (see start_run)
+        return path, []
     saved = path / "config.yaml"
     harmless: list[str] = []
     if saved.is_file() and not run_started(path):
@@ -84,8 +86,6 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
                         "train.overwrite=true to replace it, or choose another out_dir=")
     elif path.is_dir() and any(path.iterdir()) and not saved.is_file():
         raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
-    if not is_main:
-        return path, harmless
     try:
         if saved.is_file() and overwrite and resume == "never":
             shutil.rmtree(path)
