@@ -141,3 +141,19 @@ def test_resume_refuses_changes_that_break_exactness_and_allows_harmless_ones(re
     done = cli(*BASE, f"out_dir={reference}")  # no resume: refuses to overwrite
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert (reference / "config.yaml").read_text() == before
+
+
+def test_second_ctrl_c_exits_at_once_and_keeps_the_last_good_checkpoint(cli, cache_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = start([*BASE, f"out_dir={run}"], cache_dir, tmp_path)
+    wait_for(lambda: (run / "checkpoints" / "step_000004" / "COMPLETE").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "COMPLETE").is_file()
+    load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+    done = cli(*BASE, f"out_dir={run}", "train.resume=auto")
+    assert done.returncode == 0, done.stderr
