@@ -14,7 +14,7 @@ from llmkit.train.loop import TrainSpec
 
 def run(cfg: DPOConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("dpo", cfg, resolved_yaml)
-    base = load_sft_base(cfg.init_from, "dpo")
+    base = load_sft_base(cfg, "dpo", run_dir)
     sets, template, seq_len = pair_data(cfg, base, run_dir, runtime.is_main)
     policy = base.model.train()
     reference = copy.deepcopy(policy).to(runtime.device)  # the initial policy, before any resume loads newer weights

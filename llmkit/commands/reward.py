@@ -14,15 +14,25 @@ from llmkit.errors import UserError
 from llmkit.model.heads import ScalarModel
 from llmkit.model.transformer import flops_per_token
 from llmkit.rl.rewards import BradleyTerryObjective, PairTrainer
+from llmkit.train import checkpoint as ckpt
 from llmkit.train.loop import TrainSpec
 
 
-def load_sft_base(init_from: str, command: str) -> LoadedModel:
-    """The fine-tuned model to start from, with a how-to when there is none yet."""
-    if init_from == "runs/sft/latest" and not Path(init_from).exists():
+def load_sft_base(cfg, command: str, run_dir: Path) -> LoadedModel:
+    """The fine-tuned model to start from, with a how-to when there is none yet.
+
+    A resumed run must start from the same checkpoint as before (its frozen reference is rebuilt from
+    it), even when `init_from` names a moving `runs/sft/latest`.
+    """
+    if cfg.init_from == "runs/sft/latest" and not Path(cfg.init_from).exists():
         raise UserError(f"`llmkit {command}` starts from a fine-tuned model and runs/sft/latest does not exist: "
                         "run `llmkit sft` first (after `llmkit pretrain`), or pass init_from=<run or checkpoint>")
-    return load_trained(init_from)
+    base = load_trained(cfg.init_from)
+    previous = ckpt.latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume != "never" else None
+    if previous is not None and ckpt.read_meta(previous).get("base") != str(base.checkpoint):
+        raise UserError(f"cannot resume {run_dir}: it started from {ckpt.read_meta(previous).get('base')} but "
+                        f"init_from={cfg.init_from} is now {base.checkpoint}; pass init_from=<the original checkpoint>")
+    return base
 
 
 def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[PreferenceSets, str, int]:
@@ -64,7 +74,7 @@ def report(result, trainer: PairTrainer, run_dir: Path, what: str) -> None:
 
 def run(cfg: RewardConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("reward", cfg, resolved_yaml)
-    base = load_sft_base(cfg.init_from, "reward")
+    base = load_sft_base(cfg, "reward", run_dir)
     sets, template, seq_len = pair_data(cfg, base, run_dir, runtime.is_main)
     torch.manual_seed(cfg.train.seed)  # the head's initial weights
     model = ScalarModel(base.model).train()

@@ -63,7 +63,8 @@ class PPOModels:
 
 @dataclass
 class Experience:
-    """A scored rollout ready for updates; per-token tensors are (B, N), zero off the response mask."""
+    """A scored rollout ready for updates; per-token tensors are (B, N), read only on the response mask
+    (advantages and returns are 0 off it)."""
 
     rollout: Rollout
     order: Tensor  # (B,) the first epoch's row order, in whose micro-batches old_logp was computed
@@ -279,11 +280,14 @@ class PPOTrainer:
                     if step % cfg.eval_every == 0 or step == cfg.max_steps:
                         self.last_val = self.evaluate()
                         record.update(self.last_val)
-                    if step % cfg.log_every == 0 or done or "val_reward" in record:
+                    logged = step % cfg.log_every == 0 or done or "val_reward" in record
+                    if logged:
                         self.metrics.log(step, record)
                     rate = (time.perf_counter() - run_start) / max(step - first_iteration, 1)
                     shown = {k: record[k] for k in ("reward", "kl", "entropy", "val_reward") if k in record}
-                    self.progress.update(step, shown, format_duration(rate * (cfg.max_steps - step)), True)
+                    shown.update(rollout_ktok_s=record["rollout_tokens_per_s"] / 1000,
+                                 update_ktok_s=record["update_tokens_per_s"] / 1000)
+                    self.progress.update(step, shown, format_duration(rate * (cfg.max_steps - step)), logged)
                     if step % cfg.save_every == 0 or done:
                         last_saved = self.save()
                     if stop.requested:

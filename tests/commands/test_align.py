@@ -60,7 +60,7 @@ def test_reward_model_learns_and_is_saved_as_one(reward_run):
     rows = records(run)
     vals = [r for r in rows if "val_loss" in r]
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] and vals[-1]["val_loss"] < math.log(2), vals
-    assert vals[-1]["val_accuracy"] > 0.5, vals
+    assert vals[-1]["val_accuracy"] > 0.5 and vals[-1]["val_margin"] > vals[0]["val_margin"] > 0, vals
     for key in ("val_margin", "val_chosen_mean", "val_chosen_std", "val_rejected_mean", "val_rejected_std"):
         assert key in vals[-1]
     assert "held-out pairwise accuracy" in done.stdout
@@ -79,10 +79,11 @@ def test_dpo_moves_accuracy_and_margin_the_right_way(tiny_sft, cache_dir):
     done = run_cli(cache_dir, out.parent, "dpo", "tiny/dpo", f"init_from={tiny_sft}", f"out_dir={out}",
                    "logger.tensorboard=false")
     assert done.returncode == 0, done.stderr
-    last = [r for r in records(out) if "val_loss" in r][-1]
+    vals = [r for r in records(out) if "val_loss" in r]
     # at the start the policy is its reference: every implicit reward is 0, the loss log 2, the margin 0
-    assert last["val_loss"] < math.log(2) and last["val_margin"] > 0 and last["val_accuracy"] > 0.5, last
-    meta = json.loads((out / "checkpoints" / "step_000016" / "meta.json").read_text())
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] < math.log(2), vals
+    assert vals[-1]["val_margin"] > vals[0]["val_margin"] > 0 and vals[-1]["val_accuracy"] > 0.5, vals
+    meta = json.loads((out / "checkpoints" / "step_000040" / "meta.json").read_text())
     assert meta["command"] == "dpo" and meta["chat_template"] == "chatml"
 
 
