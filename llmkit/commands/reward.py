@@ -29,9 +29,9 @@ def load_sft_base(cfg, command: str, run_dir: Path) -> LoadedModel:
                         "run `llmkit sft` first (after `llmkit pretrain`), or pass init_from=<run or checkpoint>")
     base = load_trained(cfg.init_from)
     previous = ckpt.latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume != "never" else None
-    if previous is not None and ckpt.read_meta(previous).get("base") != str(base.checkpoint):
+    if previous is not None and ckpt.read_meta(previous).get("base") != str(base.checkpoint.resolve()):
         raise UserError(f"cannot resume {run_dir}: it started from {ckpt.read_meta(previous).get('base')} but "
-                        f"init_from={cfg.init_from} is now {base.checkpoint}; pass init_from=<the original checkpoint>")
+                        f"init_from={cfg.init_from} is now {base.checkpoint.resolve()}; pass init_from=<the original checkpoint>")
     return base
 
 
@@ -57,7 +57,7 @@ def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[Pre
 def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict:
     """Checkpoint meta of a run fine-tuned from `base` on pairs (tokens, template, lineage)."""
     kept = {k: v for k, v in base.meta.items() if k not in ("step", "val_loss", "kind")}
-    return {**kept, "command": command, "model": dataclasses.asdict(model_cfg), "base": str(base.checkpoint),
+    return {**kept, "command": command, "model": dataclasses.asdict(model_cfg), "base": str(base.checkpoint.resolve()),
             "chat_template": template}
 
 

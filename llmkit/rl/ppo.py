@@ -185,9 +185,9 @@ class PPOTrainer:
                     logp = logp.float()
                     policy_loss, pstats = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], m,
                                                           cfg.ppo.clip_eps)
-                    with torch.set_grad_enabled(cfg.ppo.entropy_coef > 0):
-                        token_entropy = masked_mean(entropy_from_logits(logits), m)
-                    ((policy_loss - cfg.ppo.entropy_coef * token_entropy) * weight).backward()
+                    if cfg.ppo.entropy_coef:  # the bonus: minus the token-mean entropy of the sampling distribution
+                        policy_loss = policy_loss - cfg.ppo.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+                    (policy_loss * weight).backward()
                     with runtime.autocast():
                         values = value_forward(self.value, tokens, attn, P).float()
                     value_loss, vstats = ppo_value_loss(values, exp.old_values[rows], exp.returns[rows], m,
