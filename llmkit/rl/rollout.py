@@ -123,8 +123,9 @@ def sample_rollout(policy: torch.nn.Module, prompts: list[list[int]], *, max_new
 def policy_forward(model: torch.nn.Module, tokens: Tensor, attention_mask: Tensor, prompt_len: int,
                    temperature: float) -> tuple[Tensor, Tensor]:
     """(log-probs (B, N) of the response tokens at `temperature`, response logits (B, N, V) already divided by it)."""
-    logits = model(tokens, positions=positions_from_mask(attention_mask), attention_mask=attention_mask)  # (B, T, V)
-    response_logits = logits[:, prompt_len - 1:-1]  # (B, N, V): position P-1+t predicts response token t
+    hidden = model(tokens, positions=positions_from_mask(attention_mask), attention_mask=attention_mask,
+                   return_hidden=True)  # (B, T, d)
+    response_logits = model.lm_head(hidden[:, prompt_len - 1:-1])  # (B, N, V): position P-1+t predicts token t
     logp = logprobs_from_logits(response_logits, tokens[:, prompt_len:], temperature)  # (B, N)
     return logp, response_logits / temperature
 
