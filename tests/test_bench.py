@@ -1,0 +1,40 @@
+"""Smoke test of scripts/bench.py: its quickest mode runs and prints the table (no assertion on speed)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import cli_env
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+def test_bench_quick_prints_the_table(cache_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)], env=cli_env(cache_dir),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "threads 1" in lines[0] and "torch " in lines[0]
+    header = next(line for line in lines if line.startswith("section"))
+    for column in ("llmkit", "peer", "ratio", "goal", "met"):
+        assert column in header
+    sections = {"tokenize", "startup"}
+    if importlib.util.find_spec("transformers"):
+        sections |= {"train", "generate"}
+        assert any(line.startswith("fp32 matmul peak") for line in lines)
+        assert any(line.startswith("train ") and "MFU" in line and "[sdpa]" in line for line in lines)
+    else:
+        assert any("transformers is not installed" in line for line in lines)
+    for section in sections:
+        assert any(line.startswith(section + " ") for line in lines), section
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["section"] for r in rows} == sections
+    assert all(r["ours"] > 0 for r in rows)
+
+
+def test_bench_rejects_an_unknown_section():
+    proc = subprocess.run([sys.executable, str(BENCH), "--only", "nope"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown section" in proc.stderr
