@@ -5,7 +5,7 @@ medians, so a busy machine slows both sides alike. Training MFU is flops_per_tok
 the fp32 2048x2048 matmul peak measured in the same run with the same thread count (best sample).
 
     python scripts/bench.py --threads 1                # everything (~5 minutes on a quiet 2-core machine)
-    python scripts/bench.py --quick                    # toy shapes, seconds: a smoke run
+    python scripts/bench.py --quick                    # toy shapes, ~10-20 s: a smoke run
     python scripts/bench.py --only train,generate --experiments --json bench.json   # + llmkit variants
 """
 
