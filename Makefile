@@ -29,5 +29,8 @@ bench:  ## training throughput and MFU vs HF transformers, side by side
 demo:  ## tokenize -> pretrain -> generate -> evaluate on the embedded default
 	bash scripts/demo.sh
 
+pipeline:  ## every stage on the tiny world (tokenize -> ... -> evaluate) and one table of held-out metrics
+	bash scripts/pipeline.sh
+
 clean:
 	rm -rf runs .pytest_cache build dist *.egg-info

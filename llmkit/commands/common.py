@@ -77,6 +77,9 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
     meta = ckpt.read_meta(checkpoint)
     if "model" not in meta:
         raise UserError(f"{checkpoint}/meta.json has no model config; was it written by llmkit?")
+    if meta.get("kind") == "reward":
+        raise UserError(f"{checkpoint} is a reward model (a scalar head, not a language model): use it as "
+                        "reward.model= in `llmkit ppo`, or pick a pretrain/sft/peft/dpo/ppo run")
     tensors = ckpt.read_tensors(checkpoint / ckpt.WEIGHTS)
     if meta.get("kind") == "adapter":
         loaded = load_trained(meta["base"], "cpu")

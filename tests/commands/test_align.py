@@ -139,3 +139,9 @@ def test_bad_settings_name_the_key(cli):
     assert done.returncode == 2 and "ppo.minibatch_size" in done.stderr
     done = cli("dpo", "loss.kind=hinge", "--print-config")
     assert done.returncode == 2 and "loss.kind" in done.stderr
+
+
+def test_generate_on_a_reward_model_says_what_it_is(reward_run, cli):
+    done = cli("generate", f"run={reward_run[0]}", "sampling.max_new_tokens=2")
+    assert done.returncode == 2
+    assert "is a reward model" in done.stderr and "reward.model=" in done.stderr and "Traceback" not in done.stderr

@@ -75,3 +75,19 @@ def test_evaluate_compares_runs_in_one_table_and_json(cli, tiny_run, tmp_path):
     tasks = {t["task"]: t for t in results[0]["tasks"]}
     assert tasks["tinyworld_choice"]["n"] == 8 and tasks["tinyworld_choice"]["num_fewshot"] == 1
     assert "perplexity" in done.stdout and "tinyworld_choice" in done.stdout and "n=8" in done.stdout
+
+
+def test_pipeline_script_runs_every_stage_and_prints_the_table(cache_dir, tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from tests.conftest import cli_env
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "pipeline.sh"
+    env = {**cli_env(cache_dir), "TINY": "1", "PATH": f"{Path(__import__('sys').executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "p")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for stage in ("| pretrain |", "| sft |", "| ppo |", "| dpo |", "| reward model |"):
+        assert stage in done.stdout
+    assert "held-out pair accuracy" in done.stdout and "KL to reference" in done.stdout
