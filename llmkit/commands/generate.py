@@ -67,15 +67,17 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     eos_id = tokenizer.token_to_id(loaded.meta.get("eos_token", "<|endoftext|>"))
     pad_id = tokenizer.token_to_id(loaded.meta.get("pad_token", "<|pad|>")) or 0
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(sampling.seed)
-    streamer = _Streamer(tokenizer, encoded[0], prompts[0], sampling.stop) if cfg.stream and len(prompts) == 1 else None
+    chat = len(encoded[0]) != len(tokenizer.encode(prompts[0], add_special_tokens=False).ids)
+    shown = [p + ("\n" if chat else "") for p in prompts]  # a chat answer starts on its own line
+    streamer = _Streamer(tokenizer, encoded[0], shown[0], sampling.stop) if cfg.stream and len(prompts) == 1 else None
     result = generate(model, encoded, max_new_tokens=max_new, temperature=sampling.temperature,
                       top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, pad_id=pad_id,
                       generator=generator, on_tokens=streamer)
     if streamer is not None:
         streamer.finish()
         return 0
-    for prompt, new in zip(prompts, result.new_tokens):
-        text, _ = cut_at_stop(tokenizer.decode(new, skip_special_tokens=False), sampling.stop)
+    for prompt, new in zip(shown, result.new_tokens):
+        text, _ = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), sampling.stop)
         print(f"{prompt}{text}\n{'-' * 40}")
     return 0
 
@@ -95,7 +97,7 @@ class _Streamer:
         if self.stopped or bool(finished[0]):
             return
         self.ids.append(int(new_ids[0]))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # an incomplete UTF-8 sequence: wait for the next byte token
         text, self.stopped = cut_at_stop(text, self.stops)
@@ -106,6 +108,6 @@ class _Streamer:
         self.shown = end
 
     def finish(self) -> None:
-        text, _ = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=False), self.stops)
+        text, _ = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
         sys.stdout.write(text[self.shown:] + "\n")
         sys.stdout.flush()
