@@ -32,6 +32,7 @@ import torch
 from llmkit.config.schema_align import PreferenceDataConfig
 from llmkit.data import tinyworld
 from llmkit.data.lm import ListDataset
+from llmkit.data.sources import hub_records
 from llmkit.errors import UserError
 from llmkit.tokenizer.chat import IGNORE_INDEX, encode_chat, validate_messages
 
@@ -188,17 +189,6 @@ def _file_records(cfg: PreferenceDataConfig, path: str, key: str) -> list[tuple[
                                                           field_hint=hint)]
 
 
-def _hub_records(cfg: PreferenceDataConfig, split: str) -> list[tuple[str, dict]]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
-    except Exception as e:  # any hub failure (missing, offline, bad config) becomes one clear message
-        raise UserError(f"cannot load hub dataset data.hub_name={cfg.hub_name!r} (config {cfg.hub_config!r}, split "
-                        f"{split!r}): {e}; check the name, data.hub_config/data.hub_split, and network or cache") from e
-    return [(f"{cfg.hub_name}[{split}] row {i + 1}", dict(row)) for i, row in enumerate(rows)]
-
-
 def load_pairs(cfg: PreferenceDataConfig, split: str) -> list[PreferencePair]:
     """The ``train`` or ``validation`` pairs, in a fixed order."""
     if cfg.source == "tinyworld":
@@ -208,9 +198,9 @@ def load_pairs(cfg: PreferenceDataConfig, split: str) -> list[PreferencePair]:
     elif cfg.source == "files" and split == "validation" and cfg.validation_path:
         records = _file_records(cfg, cfg.validation_path, "data.validation_path")
     elif cfg.source == "hub" and split == "validation" and cfg.hub_validation_split:
-        records = _hub_records(cfg, cfg.hub_validation_split)
+        records = hub_records(cfg.hub_name, cfg.hub_config, cfg.hub_validation_split)
     else:
-        records = _file_records(cfg, cfg.path, "data.path") if cfg.source == "files" else _hub_records(cfg, cfg.hub_split)
+        records = _file_records(cfg, cfg.path, "data.path") if cfg.source == "files" else hub_records(cfg.hub_name, cfg.hub_config, cfg.hub_split)
         if (cfg.validation_path if cfg.source == "files" else cfg.hub_validation_split) is None:
             records = [(w, r) for w, r in records if held_out(r, cfg.val_fraction) == (split == "validation")]
     return [record_to_pair(r, cfg, w) for w, r in records]

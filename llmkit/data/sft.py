@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 
 from llmkit.data import tinyworld
 from llmkit.data.sft_config import SFTDataConfig
+from llmkit.data.sources import hub_records
 from llmkit.errors import UserError
 from llmkit.tokenizer.chat import IGNORE_INDEX, encode_chat
 from llmkit.tokenizer.config import EOS_TOKEN
@@ -152,17 +153,6 @@ def _file_records(cfg: SFTDataConfig, path: str, key: str) -> list[tuple[str, di
                                                           encoding_errors=cfg.encoding_errors, path_key=key)]
 
 
-def _hub_records(cfg: SFTDataConfig, split: str) -> list[tuple[str, dict]]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
-    except Exception as e:  # any hub failure (missing, offline, bad config) becomes one clear message
-        raise UserError(f"cannot load hub dataset data.hub_name={cfg.hub_name!r} (config {cfg.hub_config!r}, split "
-                        f"{split!r}): {e}; check the name, data.hub_config/data.hub_split, and network or cache") from e
-    return [(f"{cfg.hub_name}[{split}] row {i + 1}", dict(row)) for i, row in enumerate(rows)]
-
-
 def load_sft_records(cfg: SFTDataConfig, split: str) -> list[tuple[str, dict]]:
     """``(where, record)`` pairs of the ``train`` or ``validation`` split, in a fixed order.
 
@@ -178,12 +168,12 @@ def load_sft_records(cfg: SFTDataConfig, split: str) -> list[tuple[str, dict]]:
     if cfg.source == "files" and split == "validation" and cfg.validation_path:
         return _file_records(cfg, cfg.validation_path, "data.validation_path")
     if cfg.source == "hub" and split == "validation" and cfg.hub_validation_split:
-        return _hub_records(cfg, cfg.hub_validation_split)
+        return hub_records(cfg.hub_name, cfg.hub_config, cfg.hub_validation_split)
     if cfg.source == "files":
         records = _file_records(cfg, cfg.path, "data.path")
         held_out = cfg.validation_path is None
     else:
-        records = _hub_records(cfg, cfg.hub_split)
+        records = hub_records(cfg.hub_name, cfg.hub_config, cfg.hub_split)
         held_out = cfg.hub_validation_split is None
     if not held_out:
         return records

@@ -450,3 +450,15 @@ def _parquet_records(
         for data in batch.to_pylist():
             row += 1
             yield Record(str(path), row, data)
+
+
+def hub_records(name: str, config: str | None, split: str, key: str = "data.hub_name") -> list[tuple[str, dict]]:
+    """Every row of a hub dataset split as (where, record); any hub failure becomes one clear message."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # missing, offline, bad config
+        raise UserError(f"cannot load hub dataset {key}={name!r} (config {config!r}, split {split!r}): {e}; "
+                        "check the name, the hub config/split, and network or cache") from e
+    return [(f"{name}[{split}] row {i + 1}", dict(row)) for i, row in enumerate(rows)]

@@ -22,6 +22,8 @@ reparameterisation MLP over trainable embeddings.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor, nn
 
@@ -73,7 +75,7 @@ def virtual_rope(model: nn.Module, n: int) -> tuple[Tensor, Tensor] | None:
     return model.rope_cos[idx][None, None], -model.rope_sin[idx][None, None]
 
 
-class KVPrefix(nn.Module):
+class KVPrefix(nn.Module, ABC):
     """Per-layer prefix keys/values put in front of each attention's; subclasses say where they come from."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -87,8 +89,9 @@ class KVPrefix(nn.Module):
         for block in model.blocks:
             block.attn.register_forward_pre_hook(self._before_attention)
 
+    @abstractmethod
     def layer_kv(self, model: nn.Module) -> LayerKV:
-        raise NotImplementedError
+        """Each layer's prefix keys and values, where the subclass gets them from."""
 
     @torch.no_grad()
     def record(self, model: nn.Module, x: Tensor) -> LayerKV:

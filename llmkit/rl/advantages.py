@@ -9,6 +9,7 @@ Conventions (shared with `llmkit.rl.losses`):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -142,7 +143,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, bet
     return rewards + torch.where(at_last, score[:, None].to(rewards.dtype), zero)
 
 
-class KLController:
+class KLController(ABC):
     """Holds the KL coefficient beta; subclasses decide how `update` moves it."""
 
     kind = "base"
@@ -152,9 +153,9 @@ class KLController:
             raise ValueError(f"KL coefficient must be >= 0; got {beta}")
         self.beta = float(beta)
 
+    @abstractmethod
     def update(self, current_kl: float, n_steps: int) -> float:
         """Take the KL measured over the last n_steps samples; returns the (new) beta."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "beta": self.beta}

@@ -12,6 +12,7 @@ token, i.e. the response's eos) or a rule (exact match with the known answer).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +32,7 @@ SUMS = ("pairs", "correct", "chosen", "chosen_sq", "rejected", "rejected_sq")
 # ---------------------------------------------------------------- learning from pairs
 
 
-class PairObjective:
+class PairObjective(ABC):
     """A loss over (chosen, rejected) rewards; in eval mode it also sums those rewards into `collected`."""
 
     def __init__(self) -> None:
@@ -40,9 +41,9 @@ class PairObjective:
     def count(self, batch: Batch) -> int:
         return batch["input_ids"].shape[0] // 2
 
+    @abstractmethod
     def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
         """(loss summed over pairs, batch-mean stats, chosen rewards (N,), rejected rewards (N,))."""
-        raise NotImplementedError
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         loss_sum, stats, chosen, rejected = self.compute(model, batch)

@@ -253,3 +253,24 @@ def test_list_data_files_uses_the_key(tmp_path):
 def test_corpus_config_validation(kwargs, message):
     with pytest.raises(UserError, match=message):
         CorpusConfig(**kwargs)
+
+
+def test_hub_records_name_each_row_and_explain_failures(monkeypatch):
+    import sys
+    import types
+
+    from llmkit.data.sources import hub_records
+
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(name, config, split):
+        if name == "missing/set":
+            raise FileNotFoundError("not cached and offline")
+        return [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    rows = hub_records("org/set", None, "train")
+    assert rows[1] == ("org/set[train] row 2", {"prompt": "d", "chosen": "e", "rejected": "f"})
+    with pytest.raises(UserError, match=r"data.hub_name='missing/set'.*not cached and offline"):
+        hub_records("missing/set", None, "train")
