@@ -14,7 +14,7 @@ install-torch:
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install "torch>=2.6"; \
 	else \
-		$(PY) -m pip install --timeout 30 --extra-index-url https://download.pytorch.org/whl/cpu "$(TORCH_CPU)"; \
+		$(PY) -m pip install --timeout 30 --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu "$(TORCH_CPU)"; \
 	fi
 
 test:  ## the whole suite (one thread, offline), ~minutes on 2 CPU cores
