@@ -134,6 +134,21 @@ def write_merged_checkpoint(model: torch.nn.Module, directory: Path, meta: dict,
                                   {"tokenizer.json": tokenizer_path})
 
 
+def inherited_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a run started from another keeps of its meta (tokens, tokens' names, template), not its progress."""
+    return {k: v for k, v in meta.items() if k not in ("step", "val_loss", "kind")}
+
+
+def report_result(result: Any) -> None:
+    """The end of a supervised run: final step, validation loss and perplexity, the last checkpoint."""
+    import math
+
+    if result.last_val is not None:
+        print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
+              f"(perplexity {math.exp(min(result.last_val, 50)):.4g})")
+    print(f"checkpoint: {result.checkpoint}")
+
+
 def check_tokenizer_fits(vocab_size: int, cfg: ModelConfig, source: str) -> None:
     if vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer from {source} has {vocab_size} tokens but model.vocab_size={cfg.vocab_size}; "

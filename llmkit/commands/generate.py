@@ -37,14 +37,21 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def encode_prompt(tokenizer, prompt: str, cfg: GenerateConfig, meta: dict) -> list[int]:
-    """Token ids of a prompt: raw text, or a user turn in the chat template the run was tuned with."""
+def chat_template_for(cfg: GenerateConfig, meta: dict) -> str | None:
+    """The template that wraps prompts as user turns, or None for raw text (`chat`, else the run's tuning)."""
     template = cfg.chat_template or meta.get("chat_template")
     if cfg.chat is False or (cfg.chat is None and template is None):
+        return None
+    return template or "chatml"
+
+
+def encode_prompt(tokenizer, prompt: str, template: str | None, meta: dict) -> list[int]:
+    """Token ids of a prompt: raw text, or a user turn in `template`."""
+    if template is None:
         return tokenizer.encode(prompt, add_special_tokens=False).ids
     from llmkit.tokenizer.chat import render_prompt
 
-    text = render_prompt([{"role": "user", "content": prompt}], template or "chatml",
+    text = render_prompt([{"role": "user", "content": prompt}], template,
                          eos_token=meta.get("eos_token", "<|endoftext|>"))
     return tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -55,7 +62,8 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     prompts = read_prompts(cfg)
     loaded = load_trained(cfg.run, resolve_device(cfg.device))
     tokenizer, model, sampling = loaded.tokenizer, loaded.model, cfg.sampling
-    encoded = [encode_prompt(tokenizer, p, cfg, loaded.meta) for p in prompts]
+    template = chat_template_for(cfg, loaded.meta)
+    encoded = [encode_prompt(tokenizer, p, template, loaded.meta) for p in prompts]
     for text, ids in zip(prompts, encoded):
         if len(ids) >= model.cfg.block_size:
             raise UserError(f"prompt {text[:40]!r}... is {len(ids)} tokens, no shorter than the model's context of "
@@ -67,8 +75,7 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     eos_id = tokenizer.token_to_id(loaded.meta.get("eos_token", "<|endoftext|>"))
     pad_id = tokenizer.token_to_id(loaded.meta.get("pad_token", "<|pad|>")) or 0
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(sampling.seed)
-    chat = len(encoded[0]) != len(tokenizer.encode(prompts[0], add_special_tokens=False).ids)
-    shown = [p + ("\n" if chat else "") for p in prompts]  # a chat answer starts on its own line
+    shown = [p + ("\n" if template else "") for p in prompts]  # a chat answer starts on its own line
     streamer = _Streamer(tokenizer, encoded[0], shown[0], sampling.stop) if cfg.stream and len(prompts) == 1 else None
     result = generate(model, encoded, max_new_tokens=max_new, temperature=sampling.temperature,
                       top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, pad_id=pad_id,

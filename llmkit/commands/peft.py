@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from rich.console import Console
 from rich.table import Table
 
-from llmkit.commands.common import start_run, write_merged_checkpoint
+from llmkit.commands.common import inherited_meta, report_result, start_run, write_merged_checkpoint
 from llmkit.commands.sft import load_base
 from llmkit.config.schema import PeftRunConfig
 from llmkit.data.instruct import instruction_sets
@@ -47,7 +46,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})  # the config, now
     spec = TrainSpec(
         command="peft", model=model, objective=CausalLM(), train_set=train_set, val_set=val_set, run_dir=run_dir,
-        meta={**{k: v for k, v in meta.items() if k not in ("step", "val_loss")}, "command": "peft", "kind": "adapter",
+        meta={**inherited_meta(meta), "command": "peft", "kind": "adapter",
               "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
         flops_per_token=flops_per_token(model.cfg, seq_len), saved_tensors=adapter_state_dict,
         files={"tokenizer.json": run_dir / "tokenizer.json", "adapter_config.json": run_dir / "adapter" / "adapter_config.json"},
@@ -60,11 +59,9 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
                                                                                         "step": result.step},
                                              run_dir / "tokenizer.json")
             print(f"merged checkpoint: {merged}")
-        if result.last_val is not None:
-            print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
-                  f"(perplexity {math.exp(min(result.last_val, 50)):.2f})")
+        report_result(result)
         size = (run_dir / "adapter" / "adapter.safetensors").stat().st_size
-        print(f"adapter: {run_dir / 'adapter'} ({size / 1e3:.1f} kB); checkpoint: {result.checkpoint}")
+        print(f"adapter: {run_dir / 'adapter'} ({size / 1e3:.1f} kB)")
         print(f"next: llmkit evaluate 'runs=[{base.checkpoint},{run_dir}]' tasks=[tinyworld_gen]")
     return 0
 

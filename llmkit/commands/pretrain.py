@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 from pathlib import Path
 
-from llmkit.commands.common import build_model, check_tokenizer_fits, load_trained, start_run
+from llmkit.commands.common import build_model, check_tokenizer_fits, load_trained, report_result, start_run
 from llmkit.config.schema import PretrainConfig
 from llmkit.data.lm import TokenWindows
 from llmkit.data.prepare import describe, prepare_tokens
@@ -48,10 +47,7 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
     if runtime.is_main:
-        if result.last_val is not None:
-            print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
-                  f"(perplexity {math.exp(min(result.last_val, 50)):.1f})")
-        print(f"checkpoint: {result.checkpoint}")
+        report_result(result)
         print(f"next: llmkit generate run={run_dir} prompt='Return the'   |   llmkit evaluate runs=[{run_dir}]")
     return 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.commands.common import LoadedModel, load_trained, start_run
+from llmkit.commands.common import LoadedModel, inherited_meta, load_trained, start_run
 from llmkit.config.schema_align import RewardConfig
 from llmkit.data.preference import PreferenceSets, preference_sets
 from llmkit.errors import UserError
@@ -56,7 +56,7 @@ def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[Pre
 
 def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict:
     """Checkpoint meta of a run fine-tuned from `base` on pairs (tokens, template, lineage)."""
-    kept = {k: v for k, v in base.meta.items() if k not in ("step", "val_loss", "kind")}
+    kept = inherited_meta(base.meta)
     return {**kept, "command": command, "model": dataclasses.asdict(model_cfg), "base": str(base.checkpoint.resolve()),
             "chat_template": template}
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
-from llmkit.commands.common import load_trained, start_run
+from llmkit.commands.common import inherited_meta, load_trained, report_result, start_run
 from llmkit.config.schema import SFTConfig
 from llmkit.data.instruct import instruction_sets
 from llmkit.errors import UserError
@@ -42,7 +41,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
               f"starting from {base.checkpoint}; run directory: {run_dir}")
     spec = TrainSpec(
         command="sft", model=model, objective=CausalLM(), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
-        meta={**{k: v for k, v in meta.items() if k not in ("step", "val_loss")}, "command": "sft",
+        meta={**inherited_meta(meta), "command": "sft",
               "model": dataclasses.asdict(model.cfg), "base": str(base.checkpoint),
               "chat_template": cfg.data.chat_template},
         flops_per_token=flops_per_token(model.cfg, seq_len),
@@ -50,10 +49,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
     if runtime.is_main:
-        if result.last_val is not None:
-            print(f"done: step {result.step}, validation loss {result.last_val:.4f} "
-                  f"(perplexity {math.exp(min(result.last_val, 50)):.2f})")
-        print(f"checkpoint: {result.checkpoint}")
+        report_result(result)
         print(f"next: llmkit evaluate runs=[{run_dir}] tasks=[tinyworld_gen]   |   "
               f"llmkit generate run={run_dir} prompt='What is 12 + 30?'")
     return 0
