@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from llmkit.errors import UserError
+from llmkit.eval.examples import build_queries
 from llmkit.eval.metrics import MetricValue, by_family, item_scores, summarize
-from llmkit.eval.tasks import DEFAULT_METRICS, Query, TaskSpec, build_queries
+from llmkit.eval.tasks import DEFAULT_METRICS, Query, TaskSpec
 
 
 @dataclass

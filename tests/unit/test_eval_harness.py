@@ -11,6 +11,7 @@ from torch import nn
 
 from llmkit.data import tinyworld
 from llmkit.errors import UserError
+from llmkit.eval.examples import build_queries, load_examples
 from llmkit.eval.harness import (
     Prompter,
     continuation_logprobs,
@@ -20,7 +21,7 @@ from llmkit.eval.harness import (
     run_task,
     split_boundary,
 )
-from llmkit.eval.tasks import build_queries, list_tasks, load_examples, load_task
+from llmkit.eval.tasks import list_tasks, load_task
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer.bpe import train_bpe
