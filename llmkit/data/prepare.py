@@ -42,7 +42,7 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
     else:
         with console.status(f"training a {tok_cfg.vocab_size}-token byte-level BPE tokenizer on the corpus..."):
             tokenizer = train_bpe(iter_documents(corpus), tok_cfg.vocab_size, tok_cfg.special_tokens,
-                                  tok_cfg.min_frequency)
+                                  tok_cfg.min_frequency, tok_cfg.split_digits)
         console.print(f"trained tokenizer: {tokenizer.get_vocab_size()} tokens")
     eos_id = token_id(tokenizer, tok_cfg.eos_token, "tokenizer.eos_token")
     # The cache is filled beside and renamed into place; a user's out_dir (it holds the run's config.yaml) is

@@ -23,6 +23,7 @@ class TokenizerConfig:
     eos_token: str = EOS_TOKEN
     pad_token: str = PAD_TOKEN
     min_frequency: int = 2  # a pair must occur this often to be merged
+    split_digits: bool = True  # every digit its own token (numbers read digit by digit)
     path: str | None = None  # use this tokenizer.json (or a directory holding one) instead of training
 
     def __post_init__(self) -> None:

@@ -49,6 +49,16 @@ def test_vocab_and_merges(tok):
     assert len(tok.encode("the quick brown fox").ids) < len("the quick brown fox")  # merges happened
 
 
+def test_digits_are_single_tokens_unless_disabled():
+    numbers = ["total 1234567 of 89012 items: 345 + 678 = 1023"] * 50
+    split = train_bpe(numbers, vocab_size=300)
+    pieces = split.encode("x 4071 + 1023").tokens
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("40711023")
+    assert split.decode(split.encode("x 4071 + 1023").ids) == "x 4071 + 1023"
+    merged = train_bpe(numbers, vocab_size=300, split_digits=False)
+    assert any(sum(c.isdigit() for c in p) > 1 for p in merged.encode("x 1234567").tokens)
+
+
 def test_special_tokens_are_single_ids_with_the_first_ids(tok):
     for i, special in enumerate(DEFAULT_SPECIAL_TOKENS):
         assert tok.token_to_id(special) == i
