@@ -216,18 +216,24 @@ def _score_generate(model, prompter: Prompter, task: TaskSpec, queries: list[Que
     generator = None
     if gen.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(gen.seed)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-    outputs: list[list[int]] = [[] for _ in prompts]
+    k = gen.samples  # draw j of query i is row i * k + j
+    order = sorted(range(len(prompts) * k), key=lambda r: -len(prompts[r // k]))  # similar lengths share a batch
+    outputs: list[list[int]] = [[] for _ in order]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        result = generate(model, [prompts[i] for i in rows], max_new_tokens=gen.max_new_tokens,
+        result = generate(model, [prompts[r // k] for r in rows], max_new_tokens=gen.max_new_tokens,
                           temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_id=stop_ids,
                           pad_id=pad_id, generator=generator)
-        for i, ids in zip(rows, result.new_tokens):
-            outputs[i] = ids
-    predictions = [cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), gen.stop).strip() for ids in outputs]
+        for r, ids in zip(rows, result.new_tokens):
+            outputs[r] = ids
+    drawn = [cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), gen.stop).strip() for ids in outputs]
+    predictions = drawn[::k]  # the first draw of each query is the one shown in samples
     references = [q.references for q in queries]
-    scores = {m: item_scores(m, predictions, references) for m in task.metrics or DEFAULT_METRICS[task.kind]}
+    scores = {m: item_scores(m, drawn, [r for r in references for _ in range(k)]) for m in
+              task.metrics or DEFAULT_METRICS[task.kind]}
+    if k > 1:  # a question's score: the mean over its draws (bleu: their n-gram statistics summed)
+        scores = {m: s.reshape(len(queries), k, -1).sum(axis=1) if m == "bleu" else s.reshape(len(queries), k).mean(axis=1)
+                  for m, s in scores.items()}
     samples = [{"where": q.where, "family": q.family, "prompt": prompter.text(q), "prediction": p,
                 "references": q.references,
                 **{m: float(s[i]) for m, s in scores.items() if m != "bleu"}}

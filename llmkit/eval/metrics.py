@@ -146,7 +146,7 @@ def summarize(metric: str, scores: np.ndarray, *, confidence: float = 0.95, seed
     n = len(scores)
     if n == 0:
         return MetricValue(metric, float("nan"), 0, float("nan"), float("nan"), "none")
-    if metric in BINARY_METRICS:
+    if metric in BINARY_METRICS and np.all((scores == 0) | (scores == 1)):  # else means over several draws
         hits = int(round(scores.sum()))
         low, high = wilson_interval(hits, n, confidence)
         return MetricValue(metric, hits / n, n, low, high, "wilson")

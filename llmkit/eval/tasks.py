@@ -20,7 +20,7 @@ checked: an unknown key is an error naming the file, the key and close matches):
     target_prefix: " "          # text between the prompt and an answer/choice (few-shot shots, choices)
     fields: {answer: answer, choices: choices, answer_index: answer_index, family: null}
     metrics: [exact_match]      # generate: exact_match, f1, bleu | choice: accuracy, accuracy_norm
-    generation: {max_new_tokens: 32, temperature: 0.0, top_k: null, top_p: null, stop: ["\\n"], seed: 0}
+    generation: {max_new_tokens: 32, temperature: 0.0, top_k: null, top_p: null, stop: ["\\n"], seed: 0, samples: 1}
     chat: false                 # render as a chat (few-shot shots as earlier user/assistant turns)
     chat_template: null         # used when the caller gives none: chatml | simple | Jinja | path
     system: null                # chat: a system message
@@ -101,6 +101,7 @@ class GenerationSpec:
     top_p: float | None = None
     stop: tuple[str, ...] = ("\n",)
     seed: int = 0
+    samples: int = 1  # answers drawn per question (temperature > 0); its score is their mean
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,9 @@ def _check_task(task: TaskSpec, where: str) -> None:
     need(gen.top_k is None or gen.top_k >= 1, f"generation.top_k must be >= 1, got {gen.top_k}")
     need(gen.top_p is None or 0 < gen.top_p <= 1, f"generation.top_p must be in (0, 1], got {gen.top_p}")
     need(all(gen.stop), "generation.stop strings must not be empty")
+    need(gen.samples >= 1, f"generation.samples must be >= 1, got {gen.samples}")
+    need(gen.samples == 1 or gen.temperature > 0,
+         f"generation.samples={gen.samples} needs generation.temperature > 0 (greedy answers would all be the same)")
     compile_template(task.prompt, where)
 
 

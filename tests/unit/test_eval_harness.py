@@ -258,6 +258,9 @@ class OracleLM(nn.Module):
         self.tok_emb = nn.Embedding(1, 1)
         self.lm_head = nn.Identity()
 
+    def logits(self, hidden):
+        return hidden
+
     def new_cache(self, batch: int, total: int):
         return types.SimpleNamespace(targets=[], step=0)
 
@@ -272,6 +275,31 @@ class OracleLM(nn.Module):
             out[b, -1, target[min(cache.step, len(target) - 1)]] = 10.0
         cache.step += 1
         return out
+
+
+class CoinLM(OracleLM):
+    """Like OracleLM, but its first answer token is the right one or "#" with equal odds."""
+
+    def forward(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden=False):
+        first = not cache.targets
+        out = super().forward(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+        if first:
+            out[:, -1, self.tokenizer.token_to_id("#")] = 10.0
+        return out
+
+
+def test_several_sampled_answers_per_question_are_averaged(bpe):
+    answers = {t.prompt: t.answer for t in tinyworld.make_tasks("test", 14, 0)}
+    one = run_task(CoinLM(bpe, answers), bpe, load_task("tinyworld_gen_sampled", {"source.n": 14, "generation.samples": 1}), eos_id=EOS,
+                   pad_id=PAD, batch_size=5)
+    assert one.metrics["exact_match"].interval == "wilson"  # one draw: every score is 0 or 1
+    many = run_task(CoinLM(bpe, answers), bpe, load_task("tinyworld_gen_sampled", {"source.n": 14,
+                    "generation.samples": 32}), eos_id=EOS, pad_id=PAD, batch_size=64)
+    value = many.metrics["exact_match"]
+    assert value.n == 14 and value.interval == "bootstrap" and abs(value.value - 0.5) < 0.1
+    assert value.low < value.value < value.high and len(many.samples) == 5
+    with pytest.raises(UserError, match="generation.samples=4 needs generation.temperature > 0"):
+        load_task("tinyworld_gen", {"generation.samples": 4})
 
 
 @pytest.mark.parametrize("chat", [True, False])
