@@ -189,7 +189,7 @@ def _generate(
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     step = 0
     for step in range(max_new_tokens):
-        logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
+        logits = model.logits(hidden[:, -1])  # (B, V): only the last position is needed
         new = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         new = new.masked_fill(finished, pad_id)
         col = P + step

@@ -45,7 +45,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
         print_summary(model, info)
     save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})  # the config, now
     spec = TrainSpec(
-        command="peft", model=model, objective=CausalLM(), train_set=train_set, val_set=val_set, run_dir=run_dir,
+        command="peft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "peft", "kind": "adapter",
               "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
         flops_per_token=flops_per_token(model.cfg, seq_len), saved_tensors=adapter_state_dict,

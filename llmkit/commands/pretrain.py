@@ -40,7 +40,7 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
         print(f"model: {cfg.model.name}, {model.num_params() / 1e6:.2f}M parameters; data: {meta['train_tokens']} "
               f"train / {meta['val_tokens']} val tokens; run directory: {run_dir}")
     spec = TrainSpec(
-        command="pretrain", model=model, objective=CausalLM(), train_set=train_set, val_set=val_set, run_dir=run_dir,
+        command="pretrain", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokens_dir": str(tokens_dir.resolve()),
               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
         flops_per_token=flops_per_token(cfg.model, seq_len), files={"tokenizer.json": tokens_dir / "tokenizer.json"},

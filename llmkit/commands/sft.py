@@ -40,7 +40,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
               f"{sets.train.num_examples(0)} {'packed rows' if cfg.data.packing else 'examples'} of <= {seq_len} tokens; "
               f"starting from {base.checkpoint}; run directory: {run_dir}")
     spec = TrainSpec(
-        command="sft", model=model, objective=CausalLM(), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
+        command="sft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "sft",
               "model": dataclasses.asdict(model.cfg), "base": str(base.checkpoint),
               "chat_template": cfg.data.chat_template},

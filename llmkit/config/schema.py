@@ -85,8 +85,11 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or grad norm does
     max_nonfinite_skips: int = 10
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # true | false | auto (on CUDA, off on CPU where it measured not worth the compile time)
+    fused_loss: bool = True  # lm_head + cross-entropy by row chunks, never the full (B, T, V) logits
+    prefetch: bool = True  # build the next step's batches on a background thread during the step
     device: str = "auto"  # auto | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "save_every", "log_every"):
@@ -102,6 +105,8 @@ class TrainConfig:
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        self.compile = str(self.compile).lower()  # YAML/CLI booleans arrive as 'True' / 'False'
+        _choice("train.compile", self.compile, ("auto", "true", "false"))
         _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
 
 

@@ -32,6 +32,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    pad_vocab_multiple: int = 64  # embedding/lm_head rows rounded up to a multiple of this (1: no padding)
 
     def __post_init__(self) -> None:
         for key, value, choices in (("norm", self.norm, NORMS), ("pos", self.pos, POSITIONS), ("mlp", self.mlp, MLPS)):
@@ -46,8 +47,16 @@ class ModelConfig:
             raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and self.head_dim % 2:
             raise UserError(f"rope needs an even head size; d_model/n_head = {self.head_dim}")
+        if self.pad_vocab_multiple < 1:
+            raise UserError(f"model.pad_vocab_multiple must be >= 1 (1: no padding), got {self.pad_vocab_multiple}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and lm_head: vocab_size rounded up to pad_vocab_multiple (the extra ids are never used)."""
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def kv_heads(self) -> int:

@@ -3,6 +3,8 @@
 GPT2LMHeadModel stores its linear layers as Conv1D, whose weight is (in, out): ours are nn.Linear
 (out, in), so every matrix is transposed, and c_attn fuses q, k, v along the output. Our RoPE uses
 HF Llama's rotate_half convention, so LlamaForCausalLM weights map one to one without permutation.
+Vocabulary padding never reaches these maps: `Transformer.state_dict()` holds only the vocab_size real
+rows and `load_state_dict` appends the zero padded rows, so HF configs and weights keep the real vocab.
 transformers is imported lazily: it is a dev extra only.
 """
 

@@ -7,6 +7,11 @@ without permutation), SwiGLU MLP, grouped-query attention (n_kv_head < n_head), 
 Module names are a contract (PEFT swaps nn.Linear modules by name, checkpoints are keyed by them):
 tok_emb, pos_emb, drop, blocks.{i}.{attn_norm, attn.{q,k,v,o}_proj, mlp_norm, mlp.{gate,up,down}_proj},
 norm, lm_head. The model returns logits; losses are computed by the callers.
+
+Vocabulary padding: tok_emb and lm_head have cfg.padded_vocab rows (vocab_size rounded up to
+model.pad_vocab_multiple, for matmul-friendly shapes). The extra rows start at zero and stay zero;
+logits are sliced to vocab_size, so padded ids are never predicted, and state_dict() holds only the
+vocab_size real rows (loading pads them back), so checkpoints and HF weight maps never see padding.
 """
 
 from __future__ import annotations
@@ -141,19 +146,23 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # train.activation_checkpointing: recompute blocks in backward
         if cfg.pos == "rope":
             # Non-persistent: rebuilt from the config, so checkpoints hold only learned weights.
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.padded_vocab != cfg.vocab_size:
+            self.register_state_dict_post_hook(_unpad_vocab)
+            self.register_load_state_dict_pre_hook(_pad_vocab)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -170,6 +179,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+        with torch.no_grad():  # padded vocabulary rows: zero forever (never looked up, zero gradient)
+            self.tok_emb.weight[self.cfg.vocab_size:].zero_()
+            self.lm_head.weight[self.cfg.vocab_size:].zero_()
 
     def new_cache(
         self,
@@ -232,12 +244,21 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D)
         mask = self._attention_mask(B, T, past, doc_ids, attention_mask, tokens.device)
         is_causal = mask is None and past == 0 and T > 1  # SDPA fast path; one new token after a cache needs none
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, is_causal, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """lm_head over hidden states (..., d) -> (..., vocab_size): padded vocabulary columns sliced off."""
+        logits = self.lm_head(hidden)
+        return logits[..., : self.cfg.vocab_size] if logits.size(-1) != self.cfg.vocab_size else logits
 
     @staticmethod
     def _attention_mask(
@@ -265,6 +286,25 @@ class Transformer(nn.Module):
         return mask
 
 
+_VOCAB_ROWS = ("tok_emb.weight", "lm_head.weight")
+
+
+def _unpad_vocab(module: Transformer, state_dict: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: only the vocab_size real rows (views, so copy_ into them loads the model)."""
+    for name in _VOCAB_ROWS:
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = state_dict[prefix + name][: module.cfg.vocab_size]
+
+
+def _pad_vocab(module: Transformer, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook: zero rows appended to vocab_size-row tensors (checkpoints hold no padding)."""
+    cfg = module.cfg
+    for name in _VOCAB_ROWS:
+        tensor = state_dict.get(prefix + name)
+        if tensor is not None and tensor.dim() == 2 and tensor.size(0) == cfg.vocab_size:
+            state_dict[prefix + name] = F.pad(tensor, (0, 0, 0, cfg.padded_vocab - cfg.vocab_size))
+
+
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """The parameter count that `Transformer(cfg)` has, by formula (same convention as num_params)."""
     d, f, kv_dim, L = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim, cfg.n_layer
@@ -273,9 +313,9 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     attn = (d * d + d * b) * 2 + (d * kv_dim + kv_dim * b) * 2  # q, o + k, v
     n_up = 2 if cfg.mlp == "swiglu" else 1
     mlp = n_up * (d * f + f * b) + f * d + d * b
-    tok = cfg.vocab_size * d
+    tok = cfg.padded_vocab * d
     pos = cfg.block_size * d if cfg.pos == "learned" else 0
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.padded_vocab * d
     total = tok + pos + L * (2 * norm + attn + mlp) + norm + head
     if non_embedding:
         total -= pos + (0 if cfg.tie_embeddings else tok)

@@ -125,7 +125,7 @@ def policy_forward(model: torch.nn.Module, tokens: Tensor, attention_mask: Tenso
     """(log-probs (B, N) of the response tokens at `temperature`, response logits (B, N, V) already divided by it)."""
     hidden = model(tokens, positions=positions_from_mask(attention_mask), attention_mask=attention_mask,
                    return_hidden=True)  # (B, T, d)
-    response_logits = model.lm_head(hidden[:, prompt_len - 1:-1])  # (B, N, V): position P-1+t predicts token t
+    response_logits = model.logits(hidden[:, prompt_len - 1:-1])  # (B, N, V): position P-1+t predicts token t
     logp = logprobs_from_logits(response_logits, tokens[:, prompt_len:], temperature)  # (B, N)
     return logp, response_logits / temperature
 

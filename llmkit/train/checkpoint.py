@@ -47,17 +47,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop later names of tensors that share storage (tied embeddings), as safetensors requires."""
+def unique_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of a state dict without later names of tensors that share storage (tied embeddings)."""
     seen: set[tuple[int, int]] = set()
-    out = {}
+    names = []
     for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to("cpu").contiguous()
-    return out
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied embeddings), as safetensors requires."""
+    return {name: state[name].detach().to("cpu").contiguous() for name in unique_names(state)}
 
 
 def step_dir_name(step: int) -> str:

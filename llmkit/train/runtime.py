@@ -1,19 +1,33 @@
-"""The process's place in a (possibly distributed) run: device, rank, precision, collectives.
+"""The process's place in a (possibly distributed) run: device, rank, precision, collectives, sharding.
 
 A thin layer over accelerate, so the same loop runs on one CPU, one GPU or many processes
-(`accelerate launch -m llmkit ...` or `torchrun -m llmkit ...`).
+(`accelerate launch -m llmkit ...` or `torchrun -m llmkit ...`). Data parallel (DDP) goes through
+accelerate; FSDP, asked for by an accelerate config (`conf/accelerate/fsdp.yaml` sets ACCELERATE_USE_FSDP and
+FSDP_* in the environment), is applied here with torch's FSDP2 `fully_shard`, on GPUs and on CPU (gloo) alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from llmkit.errors import UserError
+from llmkit.train.checkpoint import unique_names
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """FSDP2 settings read from the environment an accelerate FSDP config sets (FSDP_*)."""
+
+    wrap_classes: tuple[str, ...] = ("Block",)  # each module of these classes is one sharding unit
+    reshard_after_forward: bool = True  # True: full sharding (ZeRO-3 like); False: SHARD_GRAD_OP (ZeRO-2 like)
+    offload_params: bool = False  # keep sharded parameters and optimizer state in CPU memory
 
 
 @dataclass
@@ -21,6 +35,8 @@ class Runtime:
     accelerator: Any  # accelerate.Accelerator
     device: torch.device
     precision: str  # fp32 | bf16
+    fsdp: FSDPSettings | None = None  # set when an accelerate FSDP config launched the run
+    tied: set[str] = field(default_factory=set)  # names of tied (shared) weights, dropped from gathered states
 
     @property
     def rank(self) -> int:
@@ -51,12 +67,127 @@ class Runtime:
 
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
-        """Skip the gradient all-reduce on accumulation micro-steps before the last."""
-        if skip_sync and self.world_size > 1:
+        """Skip the gradient all-reduce (FSDP: reduce-scatter) on accumulation micro-steps before the last."""
+        if self.fsdp is not None:
+            model.set_requires_gradient_sync(not skip_sync)
+            yield
+        elif skip_sync and self.world_size > 1:
             with self.accelerator.no_sync(model):
                 yield
         else:
             yield
+
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Shard `model` in place with FSDP2 (each wrap-class module, then the root); DDP-wrap it on several
+        processes without FSDP; unchanged on one process. Build the optimizer on `model` afterwards."""
+        if self.fsdp is None:
+            return self.accelerator.prepare_model(model) if self.world_size > 1 else model
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        own = model.state_dict()
+        self.tied = set(own) - set(unique_names(own))
+        options: dict[str, Any] = {"reshard_after_forward": self.fsdp.reshard_after_forward}
+        if self.fsdp.offload_params:
+            options["offload_policy"] = CPUOffloadPolicy()
+        if self.precision == "bf16":
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        units = [m for m in model.modules() if type(m).__name__ in self.fsdp.wrap_classes]
+        if not units:
+            raise UserError(f"FSDP: no module of class {', '.join(self.fsdp.wrap_classes)} in the model; set "
+                            "fsdp_transformer_layer_cls_to_wrap to Block in the accelerate config")
+        for unit in units:
+            fully_shard(unit, **options)
+        fully_shard(model, **options)
+        if self.is_main:
+            print(f"FSDP2: {len(units)} {'/'.join(self.fsdp.wrap_classes)} units and the root sharded over "
+                  f"{self.world_size} processes")
+        return model
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every process calls this (a collective under FSDP); the main process gets the full, unsharded
+        weights on CPU (tied weights once), the others an empty dict. Without FSDP: model.state_dict()."""
+        if self.fsdp is None:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in full.items() if k not in self.tied}
+
+    def load_full_state_dict(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Every process: copy full (unsharded) tensors into the matching shards of a sharded model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Every process calls this; the optimizer state to save (under FSDP: full, keyed by parameter name,
+        on the main process; loadable by any number of processes)."""
+        if self.fsdp is None:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Every process: restore what `optimizer_state` saved."""
+        if self.fsdp is None:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch block recomputation on every Transformer inside `model` (plain, PEFT-adapted, under a head)."""
+    for module in model.modules():
+        if not hasattr(module, "activation_checkpointing"):
+            continue
+        peft = getattr(module, "peft_state", None)
+        if enabled and peft is not None and peft.cfg.method in ("prefix", "prompt"):
+            raise UserError(f"train.activation_checkpointing does not combine with peft={peft.cfg.method} (its "
+                            "per-forward attention hooks are not replayed by the recomputation); turn it off, "
+                            "or use a module-swap method such as peft=lora")
+        module.activation_checkpointing = enabled
+
+
+def _env_flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
+
+
+def fsdp_settings() -> FSDPSettings | None:
+    """FSDP settings when an accelerate FSDP config launched this process (ACCELERATE_USE_FSDP=true), else None."""
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return None
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise UserError(f"the accelerate config asks for FSDP version {version}; llmkit runs FSDP2 "
+                        "(fsdp_version: 2, as in conf/accelerate/fsdp.yaml)")
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise UserError(f"fsdp_auto_wrap_policy {policy} is not supported; use TRANSFORMER_BASED_WRAP with "
+                        "fsdp_transformer_layer_cls_to_wrap: Block (conf/accelerate/fsdp.yaml)")
+    classes = tuple(c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block").split(",") if c.strip())
+    return FSDPSettings(wrap_classes=classes or ("Block",),
+                        reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                        offload_params=_env_flag("FSDP_OFFLOAD_PARAMS"))
+
+
+def check_deepspeed() -> None:
+    """Refuse a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) with one message: llmkit's loop runs DDP and
+    FSDP2; DeepSpeed needs `pip install deepspeed` first and is not driven by the loop yet."""
+    if not _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or f"conf/accelerate/deepspeed_zero{stage}.yaml"
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"the accelerate config selects DeepSpeed ZeRO-{stage} ({config}) but deepspeed is not "
+                        "installed: pip install deepspeed (needs CUDA GPUs); or launch with "
+                        "conf/accelerate/fsdp.yaml, the FSDP2 equivalent llmkit runs")
+    raise UserError(f"the accelerate config selects DeepSpeed ZeRO-{stage} ({config}); llmkit's training loop does "
+                    "not drive a DeepSpeed engine yet: launch with conf/accelerate/fsdp.yaml (FSDP2 full sharding, "
+                    "ZeRO-3 like) instead; see docs/scale.md")
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
@@ -65,6 +196,8 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or device=cpu")
+    check_deepspeed()
+    fsdp = fsdp_settings()
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     if precision == "auto":
         precision = "fp32" if use_cpu else "bf16"
@@ -72,4 +205,4 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(accelerator=accelerator, device=accelerator.device, precision=precision)
+    return Runtime(accelerator=accelerator, device=accelerator.device, precision=precision, fsdp=fsdp)

@@ -1,17 +1,22 @@
-"""Two processes on CPU (gloo) through `launcher.num_processes=2`: same result as one process, exact resume."""
+"""Two processes on CPU (gloo): `launcher.num_processes=2` (DDP) and `accelerate launch` with the shipped FSDP
+config give the result of one process, and resume exactly; a DeepSpeed launch without deepspeed is refused clearly."""
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from llmkit.commands.common import load_trained
 from tests.commands.test_resume import assert_same_run, final_weights, last_logged_step, wait_for
 from tests.conftest import cli_env
 
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["pretrain", "tiny/pretrain", "train.max_steps=12", "train.save_every=4", "train.log_every=1",
         "logger.tensorboard=false"]
 
@@ -39,3 +44,57 @@ def test_two_processes_match_one_and_resume_after_a_kill(cli, cache_dir, tmp_pat
     assert done.returncode == 0, done.stderr
     assert_same_run(killed, two)
     assert load_file(str(killed / "checkpoints" / "step_000012" / "model.safetensors"))
+
+
+FSDP_CONFIG = ROOT / "conf" / "accelerate" / "fsdp.yaml"
+FSDP_ARGS = ["pretrain", "tiny/pretrain", "train.max_steps=8", "train.save_every=4", "train.log_every=1",
+             "logger.tensorboard=false"]
+
+
+def accelerate_launch(cache_dir, tmp_path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file <config> --num_processes 2 -m llmkit ...`: what a user types."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+              "-m", "llmkit", *args]
+    return subprocess.run(launch, cwd=tmp_path, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_saves_full_weights_and_resumes(cli, cache_dir, tmp_path):
+    """conf/accelerate/fsdp.yaml on CPU (gloo): FSDP2 full sharding of each Block gives the 1-process run."""
+    one, fsdp, resumed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "resumed"
+    assert cli(*FSDP_ARGS, f"out_dir={one}").returncode == 0
+    done = accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *FSDP_ARGS, f"out_dir={fsdp}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FSDP2: 2 Block units and the root sharded over 2 processes" in done.stdout
+    a, b = final_weights(one), final_weights(fsdp)
+    assert sorted(a) == sorted(b)  # one consolidated file of full (unsharded) weights, tied weights once
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, fsdp)]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=1e-5)
+    # The optimizer state is saved full (keyed by parameter name): stop at step 4, resume to 8, same result.
+    assert accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *FSDP_ARGS, f"out_dir={resumed}",
+                             "train.max_steps=4").returncode == 0
+    done = accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *FSDP_ARGS, f"out_dir={resumed}", "train.resume=auto")
+    assert done.returncode == 0, done.stdout + done.stderr
+    c = final_weights(resumed)
+    for name in b:
+        torch.testing.assert_close(c[name], b[name], rtol=0, atol=1e-6)
+    # The checkpoint loads in a fresh single-process model, and generation runs from it.
+    loaded = load_trained(str(fsdp))
+    for name, tensor in loaded.model.state_dict().items():
+        torch.testing.assert_close(tensor, a.get(name, a["tok_emb.weight"] if name == "lm_head.weight" else None),
+                                   rtol=0, atol=1e-5)
+    assert cli("generate", f"run={fsdp}", "prompt=Return the", "sampling.max_new_tokens=4").returncode == 0
+
+
+def test_a_deepspeed_launch_without_deepspeed_gives_one_clear_message(cli, cache_dir, tmp_path):
+    """What `accelerate launch --config_file conf/accelerate/deepspeed_zero2.yaml` puts in the environment."""
+    env = {**cli_env(cache_dir), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    done = subprocess.run([sys.executable, "-m", "llmkit", "pretrain", "tiny/pretrain", f"out_dir={tmp_path / 'ds'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "deepspeed_zero2.yaml" in done.stderr and "Traceback" not in done.stderr
+    if importlib.util.find_spec("deepspeed") is None:
+        assert "pip install deepspeed" in done.stderr
+    else:
+        assert "conf/accelerate/fsdp.yaml" in done.stderr

@@ -68,7 +68,8 @@ class Windows(TokenWindows):
 class PoisonAt(CausalLM):
     """A loss that turns NaN at given (1-based) steps."""
 
-    def __init__(self, steps):
+    def __init__(self, steps, fused=False):
+        super().__init__(fused=fused)
         self.steps, self.calls = set(steps), 0
 
     def __call__(self, model, batch):

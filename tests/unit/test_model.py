@@ -1,5 +1,6 @@
 """The Transformer: shapes, causality, packing, padding, KV cache, parameter counts, tying, limits."""
 
+import dataclasses
 import math
 
 import pytest
@@ -47,7 +48,7 @@ def test_shapes(style):
     assert model(tokens).shape == (3, 11, V)
     hidden = model(tokens, return_hidden=True)
     assert hidden.shape == (3, 11, 32)
-    torch.testing.assert_close(model.lm_head(hidden), model(tokens))
+    torch.testing.assert_close(model.logits(hidden), model(tokens))
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -133,15 +134,17 @@ def test_param_count_matches_formula(cfg):
     assert model.num_params() == count_params(cfg)
     assert model.num_params(non_embedding=True) == count_params(cfg, non_embedding=True)
     d = cfg.d_model
-    excluded = (cfg.block_size * d if cfg.pos == "learned" else 0) + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
+    excluded = (cfg.block_size * d if cfg.pos == "learned" else 0) + (0 if cfg.tie_embeddings else cfg.padded_vocab * d)
     assert count_params(cfg) - count_params(cfg, non_embedding=True) == excluded
 
 
 def test_param_count_by_hand():
     # GPT-2 small: the well-known 124,439,808 parameters (tied, with position embedding).
-    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768)
+    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768, pad_vocab_multiple=1)
     assert count_params(cfg) == 124_439_808
     assert flops_per_token(cfg, 1024) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 1024 * 768
+    # Padded to 50304 rows (the default multiple of 64): 47 more embedding rows, as nanoGPT's 124.48M.
+    assert count_params(dataclasses.replace(cfg, pad_vocab_multiple=64)) == 124_439_808 + 47 * 768
 
 
 def test_tied_weights_are_shared():
