@@ -18,6 +18,9 @@ def test_installed_wheel_finds_configs_and_recipes_outside_the_repo(tmp_path):
     wheel = next((tmp_path / "dist").glob("llmkit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "llmkit/conf/pretrain.yaml" in names and "llmkit/recipes/tiny/pretrain.yaml" in names
+    shipped = {f"llmkit/conf/accelerate/{p.name}" for p in (ROOT / "conf" / "accelerate").glob("*.yaml")}
+    assert len(shipped) == 5 and shipped <= set(names)  # the accelerate configs for DDP, FSDP, DeepSpeed, multi-node
+    assert {"llmkit/conf/data/fineweb_edu.yaml", "llmkit/recipes/gpu/llama_1b.yaml"} <= set(names)
     site = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                                 str(wheel)], capture_output=True, text=True, timeout=300)
