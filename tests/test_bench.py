@@ -38,3 +38,21 @@ def test_bench_quick_prints_the_table(cache_dir, tmp_path):
 def test_bench_rejects_an_unknown_section():
     proc = subprocess.run([sys.executable, str(BENCH), "--only", "nope"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown section" in proc.stderr
+
+
+def test_bench_scripts_stay_under_500_lines():
+    for script in BENCH.parent.glob("bench*.py"):
+        assert len(script.read_text().splitlines()) < 500, script.name
+
+
+def test_vocab_padding_experiment_trains_the_same_function(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import bench_common
+    import bench_train
+
+    st = bench_common.Settings(threads=1, quick=True, reps=1, experiments=True)
+    rows = bench_train.bench_vocab_padding(st)
+    assert [r.case for r in rows] == ["gpt2 toy V500: padded to 512, fused loss", "gpt2 toy V500: padded to 512, plain loss"]
+    for row in rows:
+        assert row.ours > 0 and row.peer > 0
+        assert float(row.note.split("loss diff ")[1]) <= 1e-5  # zero padded rows: the same model (to fp32 rounding)
