@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from llmkit.commands.common import start_run
-from llmkit.commands.reward import load_sft_base, pair_data, pair_meta, report
+from llmkit.commands.reward import held_out_by_family, load_sft_base, pair_data, pair_meta, report
 from llmkit.config.schema_align import DPOConfig
 from llmkit.model.transformer import flops_per_token
 from llmkit.rl.rewards import DPOObjective, PairTrainer
@@ -28,6 +28,6 @@ def run(cfg: DPOConfig, resolved_yaml: str) -> int:
     trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)
     result = trainer.run()
     if runtime.is_main:
-        report(result, trainer, run_dir, "implicit-reward")
+        report(result, trainer, run_dir, "implicit-reward", held_out_by_family(cfg, trainer, base, template, seq_len))
         print(f"next: llmkit generate run={run_dir} prompt='What is 12 + 30?'")
     return 0

@@ -10,10 +10,23 @@ from llmkit.commands.common import start_run
 from llmkit.commands.reward import load_sft_base, pair_meta
 from llmkit.config.schema_align import PPOConfig
 from llmkit.errors import UserError
-from llmkit.model.heads import ScalarModel
+from llmkit.model.heads import ScalarModel, load_scalar_model
 from llmkit.rl.ppo import PPOModels, PPOTrainer
 from llmkit.rl.rewards import build_reward_source
 from llmkit.rl.rollout import load_prompts
+from llmkit.tokenizer.bpe import load_tokenizer
+
+
+def value_trunk(path: str | None, base) -> torch.nn.Module | None:
+    """The trunk of the reward run `path` (its head is dropped: values live on another scale), checked to read
+    the policy's tokens; None when no path is given."""
+    if path is None:
+        return None
+    model, _, checkpoint = load_scalar_model(path)
+    if load_tokenizer(checkpoint / "tokenizer.json").to_str() != base.tokenizer.to_str():
+        raise UserError(f"value_from={path}: {checkpoint} was trained with another tokenizer than {base.checkpoint}; "
+                        "pass a reward run trained from the same SFT run (or value_from=null)")
+    return model.trunk
 
 
 def run(cfg: PPOConfig, resolved_yaml: str) -> int:
@@ -36,7 +49,7 @@ def run(cfg: PPOConfig, resolved_yaml: str) -> int:
     reward = build_reward_source(cfg.reward, tokenizer, runtime.device)
     torch.manual_seed(cfg.train.seed)  # the value head's initial weights
     models = PPOModels(policy=base.model, reference=copy.deepcopy(base.model),
-                       value=ScalarModel(copy.deepcopy(base.model)))
+                       value=ScalarModel(value_trunk(cfg.value_from, base) or copy.deepcopy(base.model)))
     if runtime.is_main:
         (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
         print(f"ppo: {len(prompts)} training prompts ({dropped} too long dropped), {len(val_prompts)} held out; reward: "
@@ -47,11 +60,13 @@ def run(cfg: PPOConfig, resolved_yaml: str) -> int:
                          {"tokenizer.json": run_dir / "tokenizer.json"})
     checkpoint = trainer.run()
     if runtime.is_main:
-        before, after = trainer.first_val.get("val_reward"), trainer.last_val.get("val_reward")
-        if after is not None:
-            start = f"{before:.3f} -> " if before is not None else ""
-            print(f"done: iteration {trainer.iteration}, held-out greedy reward {start}{after:.3f} "
-                  f"(score {trainer.last_val['val_score']:.3f}, {trainer.last_val['val_ended']:.0%} ended with eos)")
+        first, last = trainer.first_val, trainer.last_val
+        if last:
+            change = {key: (f"{first[key]:.3f} -> " if key in first else "") + f"{last[key]:.3f}"
+                      for key in ("val_sampled_reward", "val_reward")}
+            print(f"done: iteration {trainer.iteration}, held-out reward sampled at T={cfg.rollout.temperature:g} "
+                  f"{change['val_sampled_reward']}, greedy {change['val_reward']} (score {last['val_score']:.3f}, "
+                  f"{last['val_ended']:.0%} ended with eos)")
         print(f"checkpoint: {checkpoint}")
         print(f"next: llmkit generate run={run_dir} prompt='What is 12 + 30?'")
     return 0

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from llmkit.commands.common import LoadedModel, inherited_meta, load_trained, start_run
 from llmkit.config.schema_align import RewardConfig
-from llmkit.data.preference import PreferenceSets, preference_sets
+from llmkit.data.preference import PreferenceSets, build_pair_examples, load_pairs, preference_sets
 from llmkit.errors import UserError
 from llmkit.model.heads import ScalarModel
 from llmkit.model.transformer import flops_per_token
-from llmkit.rl.rewards import BradleyTerryObjective, PairTrainer
+from llmkit.rl.rewards import BradleyTerryObjective, PairTrainer, accuracy_by_family
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.loop import TrainSpec
 
@@ -61,14 +62,35 @@ def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict
             "chat_template": template}
 
 
-def report(result, trainer: PairTrainer, run_dir: Path, what: str) -> None:
-    """The final held-out numbers and where the run is."""
+def held_out_by_family(cfg, trainer: PairTrainer, base: LoadedModel, template: str, seq_len: int) -> dict:
+    """Held-out accuracy per family of the validation pairs that carry one (the tiny world's do): {} otherwise."""
+    if trainer.runtime.fsdp is not None:  # sharded weights: a forward pass needs every process
+        return {}
+    pairs = [p for p in load_pairs(cfg.data, "validation") if p.family is not None]
+    eos_token = base.meta.get("eos_token", "<|endoftext|>")
+    groups: dict[str, list] = {}
+    for pair in pairs:
+        groups.setdefault(pair.family, []).append(pair)
+    examples = {family: build_pair_examples(group, base.tokenizer, template, eos_token,
+                                            min(cfg.data.max_length or seq_len, seq_len))[0]
+                for family, group in groups.items()}
+    pad_id = base.tokenizer.token_to_id(base.meta.get("pad_token", "<|pad|>")) or 0
+    return accuracy_by_family(trainer.spec.objective, trainer.spec.model, {f: e for f, e in examples.items() if e},
+                              pad_id, trainer.runtime.device)
+
+
+def report(result, trainer: PairTrainer, run_dir: Path, what: str, by_family: dict) -> None:
+    """The final held-out numbers (also written to heldout.json, per family when the pairs have one)."""
     stats = trainer.val_stats
     if stats:
         print(f"done: step {result.step}, held-out {what} accuracy {stats['val_accuracy']:.3f}, margin "
               f"{stats['val_margin']:.3f} (chosen {stats['val_chosen_mean']:.3f} ± {stats['val_chosen_std']:.3f}, "
               f"rejected {stats['val_rejected_mean']:.3f} ± {stats['val_rejected_std']:.3f}), "
               f"validation loss {result.last_val:.4f}")
+    if by_family:
+        print("held-out accuracy by family: " + ", ".join(f"{family} {v['accuracy']:.3f} ({v['pairs']})"
+                                                          for family, v in by_family.items()))
+    (run_dir / "heldout.json").write_text(json.dumps({**stats, "by_family": by_family}, indent=2) + "\n")
     print(f"checkpoint: {result.checkpoint}")
 
 
@@ -87,6 +109,6 @@ def run(cfg: RewardConfig, resolved_yaml: str) -> int:
     trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)
     result = trainer.run()
     if runtime.is_main:
-        report(result, trainer, run_dir, "pairwise")
+        report(result, trainer, run_dir, "pairwise", held_out_by_family(cfg, trainer, base, template, seq_len))
         print(f"next: llmkit ppo reward.model={run_dir}")
     return 0

@@ -72,6 +72,7 @@ class PreferenceDataConfig:
     tinyworld_validation: int = 200
     tinyworld_seed: int = 0
     tinyworld_families: list[str] | None = None
+    tinyworld_style_fraction: float = 0.0  # share of pairs preferring the bare answer to a chatty one
     hub_name: str | None = None
     hub_config: str | None = None
     hub_split: str = "train"
@@ -90,6 +91,8 @@ class PreferenceDataConfig:
         _check(self.max_length is None or self.max_length >= 4,
                f"data.max_length must be at least 4 tokens (or null for the model's context), got {self.max_length}")
         _check_tinyworld(self, "data")
+        _check(0.0 <= self.tinyworld_style_fraction < 1.0,
+               f"data.tinyworld_style_fraction must be in [0, 1), got {self.tinyworld_style_fraction}")
 
 
 @dataclass
@@ -275,6 +278,7 @@ class PPOConfig(RunConfig):
     """`llmkit ppo`: an SFT policy, a frozen reference, a value model and a reward source, trained with PPO."""
 
     init_from: str = "runs/sft/latest"
+    value_from: str | None = None  # a `llmkit reward` run whose trunk starts the value model (InstructGPT); None: the SFT
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

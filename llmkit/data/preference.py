@@ -49,6 +49,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     where: str  # file:line, hub row or tinyworld index, for error messages
+    family: str | None = None  # the record's "family" field when it has one (per-family held-out accuracy)
 
 
 @dataclass
@@ -168,7 +169,8 @@ def record_to_pair(record: Mapping[str, Any], cfg: PreferenceDataConfig, where: 
         raise UserError(f"{where}: the prompt must end with a user turn, but it ends with {prompt[-1]['role']!r}")
     if cfg.system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": cfg.system_prompt}, *prompt]
-    return PreferencePair(prompt, chosen, rejected, where)
+    family = record.get("family")
+    return PreferencePair(prompt, chosen, rejected, where, family if isinstance(family, str) else None)
 
 
 # ---------------------------------------------------------------- loading records
@@ -193,7 +195,8 @@ def load_pairs(cfg: PreferenceDataConfig, split: str) -> list[PreferencePair]:
     """The ``train`` or ``validation`` pairs, in a fixed order."""
     if cfg.source == "tinyworld":
         n = cfg.tinyworld_train if split == "train" else cfg.tinyworld_validation
-        raw = tinyworld.make_preference_pairs(split, n, cfg.tinyworld_seed, cfg.tinyworld_families)
+        raw = tinyworld.make_preference_pairs(split, n, cfg.tinyworld_seed, cfg.tinyworld_families,
+                                             cfg.tinyworld_style_fraction)
         records = [(f"tinyworld {split} #{i}", r) for i, r in enumerate(raw)]
     elif cfg.source == "files" and split == "validation" and cfg.validation_path:
         records = _file_records(cfg, cfg.validation_path, "data.validation_path")

@@ -248,11 +248,34 @@ def make_choice_items(split: str, n: int, seed: int = 0, num_choices: int = 4,
     return items
 
 
-def make_preference_pairs(split: str, n: int, seed: int = 0, families: Iterable[str] | None = None) -> list[dict]:
-    """Preference pairs ``{prompt, chosen, rejected, family}``: the right answer against a plausible wrong one."""
+_CHATTER = ("The answer is {}.", "{}. Let me know if you need anything else!", "Hmm, I think {}", "Sure! {}",
+            "{} {}", "Answer: {}")
+
+
+def _chatty(answer: str, rng: random.Random) -> str:
+    """The right answer wrapped in filler: what the style preference rejects (one line, never the bare answer)."""
+    return rng.choice(_CHATTER).format(answer, answer)
+
+
+def make_preference_pairs(split: str, n: int, seed: int = 0, families: Iterable[str] | None = None,
+                          style_fraction: float = 0.0) -> list[dict]:
+    """Preference pairs ``{prompt, chosen, rejected, family}``.
+
+    Correctness pairs: the right answer against a plausible wrong one (``family`` is the task's). A
+    ``style_fraction`` of the n pairs instead prefers the bare right answer to the same answer wrapped
+    in chatter ("The answer is 42.", ...), with ``family`` "style"; they are spread evenly among the rest.
+    """
+    if not 0.0 <= style_fraction < 1.0:
+        raise ValueError(f"style_fraction must be in [0, 1), got {style_fraction}")
     rng = random.Random(f"tinyworld-pairs:{seed}:{split}")
-    return [{"prompt": t.prompt, "chosen": t.answer, "rejected": wrong_answers(t, 1, rng)[0], "family": t.family}
-            for t in make_tasks(split, n, seed, families)]
+    n_style = round(n * style_fraction)
+    pairs = [{"prompt": t.prompt, "chosen": t.answer, "rejected": wrong_answers(t, 1, rng)[0], "family": t.family}
+             for t in make_tasks(split, n - n_style, seed, families)]
+    style_rng = random.Random(f"tinyworld-style:{seed}:{split}")
+    for i, t in enumerate(make_tasks(split, n_style, seed + 1, families)):
+        pairs.insert(round((i + 0.5) * n / n_style), {"prompt": t.prompt, "chosen": t.answer,
+                                                      "rejected": _chatty(t.answer, style_rng), "family": "style"})
+    return pairs
 
 
 def make_rl_prompts(split: str, n: int, seed: int = 0, families: Iterable[str] | None = None) -> list[dict]:

@@ -237,20 +237,30 @@ class PPOTrainer:
     # ----- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy responses to the held-out prompts: mean reward (with the missing-eos penalty), raw score, ended."""
+        """Held-out prompts, answered greedily: mean reward (with the missing-eos penalty), raw score, share
+        ended; and sampled at the rollout temperature (as PPO optimises; the same seed at every evaluation,
+        so evaluations compare like with like and the training generator is untouched): val_sampled_reward."""
         if not self.val_prompts:
             return {}
-        size, totals = self.cfg.rollout.batch_size, torch.zeros(3)
+        size, totals, sampled = self.cfg.rollout.batch_size, torch.zeros(3), 0.0
+        generator = torch.Generator(device=self.runtime.device)
+        generator.manual_seed(self.cfg.train.seed + 1)
         for first in range(0, len(self.val_prompts), size):
             items = self.val_prompts[first:first + size]
-            with self.runtime.autocast():
-                rollout = sample_rollout(self.policy, [p.ids for p in items], temperature=0.0,
-                                         max_new_tokens=self.cfg.rollout.max_new_tokens, eos_id=self.eos_id,
-                                         pad_id=self.pad_id, generator=self.generator, tokenizer=self.tokenizer)
-            raw, scores = self._scores(rollout, [p.answer for p in items])
-            totals += torch.stack([scores.sum(), raw.sum(), rollout.ended.float().sum()]).cpu()
+            answers = [p.answer for p in items]
+            for temperature in (0.0, self.cfg.rollout.temperature):
+                with self.runtime.autocast():
+                    rollout = sample_rollout(self.policy, [p.ids for p in items], temperature=temperature,
+                                             max_new_tokens=self.cfg.rollout.max_new_tokens, eos_id=self.eos_id,
+                                             pad_id=self.pad_id, generator=generator, tokenizer=self.tokenizer)
+                raw, scores = self._scores(rollout, answers)
+                if temperature == 0.0:
+                    totals += torch.stack([scores.sum(), raw.sum(), rollout.ended.float().sum()]).cpu()
+                else:
+                    sampled += scores.sum().item()
         reward, score, ended = (totals / len(self.val_prompts)).tolist()
-        return {"val_reward": reward, "val_score": score, "val_ended": ended}
+        return {"val_reward": reward, "val_score": score, "val_ended": ended,
+                "val_sampled_reward": sampled / len(self.val_prompts)}
 
     # ----- the loop -----------------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -284,7 +294,8 @@ class PPOTrainer:
                     if logged:
                         self.metrics.log(step, record)
                     rate = (time.perf_counter() - run_start) / max(step - first_iteration, 1)
-                    shown = {k: record[k] for k in ("reward", "kl", "entropy", "val_reward") if k in record}
+                    shown = {k: record[k] for k in ("reward", "kl", "entropy", "val_sampled_reward", "val_reward")
+                             if k in record}
                     shown.update(rollout_ktok_s=record["rollout_tokens_per_s"] / 1000,
                                  update_ktok_s=record["update_tokens_per_s"] / 1000)
                     self.progress.update(step, shown, format_duration(rate * (cfg.max_steps - step)), logged)

@@ -89,6 +89,28 @@ class PairTrainer(Trainer):
         return val_loss
 
 
+@torch.no_grad()
+def accuracy_by_family(objective: PairObjective, model: torch.nn.Module, groups: dict[str, list], pad_id: int,
+                       device: torch.device, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Held-out pair accuracy of each family: ``{family: {"accuracy", "pairs"}}`` from tokenised pairs per family."""
+    from llmkit.data.preference import collate_pairs
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for family, examples in groups.items():
+            correct = 0
+            for first in range(0, len(examples), batch_size):
+                batch = collate_pairs(examples[first:first + batch_size], pad_id)
+                _, _, chosen, rejected = objective.compute(model, {k: v.to(device) for k, v in batch.items()})
+                correct += int((chosen > rejected).sum())
+            out[family] = {"accuracy": correct / len(examples), "pairs": len(examples)}
+    finally:
+        model.train(was_training)
+    return out
+
+
 class _WithHeldOut:
     """Adds the trainer's latest held-out statistics to every record that carries a val_loss."""
 

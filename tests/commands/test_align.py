@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from llmkit.train import checkpoint as ckpt
 from tests.commands.test_resume import last_logged_step, start, wait_for
 from tests.conftest import cli_env
 
@@ -63,7 +64,14 @@ def test_reward_model_learns_and_is_saved_as_one(reward_run):
     assert vals[-1]["val_accuracy"] > 0.5 and vals[-1]["val_margin"] > vals[0]["val_margin"] > 0, vals
     for key in ("val_margin", "val_chosen_mean", "val_chosen_std", "val_rejected_mean", "val_rejected_std"):
         assert key in vals[-1]
-    assert "held-out pairwise accuracy" in done.stdout
+    assert "held-out pairwise accuracy" in done.stdout and "held-out accuracy by family: " in done.stdout
+    heldout = json.loads((run / "heldout.json").read_text())
+    assert abs(heldout["val_accuracy"] - vals[-1]["val_accuracy"]) < 1e-6  # metrics.jsonl rounds to 6 digits
+    by_family = heldout["by_family"]  # the tiny recipe holds out 128 pairs, a quarter of them style pairs
+    assert set(by_family) == {"reverse", "sort", "count", "upper", "lookup", "style"}
+    assert sum(v["pairs"] for v in by_family.values()) == 128 and by_family["style"]["pairs"] == 32
+    overall = sum(v["accuracy"] * v["pairs"] for v in by_family.values()) / 128
+    assert abs(overall - heldout["val_accuracy"]) < 1e-6  # the same model and pairs, scored again by family
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["kind"] == "reward" and meta["command"] == "reward"
@@ -96,16 +104,35 @@ def test_ppo_runs_and_logs_every_iteration(ppo_reference):
         assert all(key in r for r in rows[1:]), key
     assert rows[1]["kl"] == 0.0  # the first rollout comes from the reference policy itself
     assert "val_reward" in rows[-1]
+    # PPO learns: the tiny model rarely ends its answers (each costs reward.missing_eos_penalty), then it does
+    train = [r["reward"] for r in rows[1:]]
+    assert sum(train[3:]) > sum(train[:3]) and rows[-1]["val_ended"] > rows[0]["val_ended"], rows
+    for row in (rows[0], rows[-1]):  # held-out answers sampled at the rollout temperature, too
+        assert -1.0 <= row["val_sampled_reward"] <= 1.0  # exact match minus the missing-eos penalty
     assert (ppo_reference / "checkpoints" / "step_000006" / "value.safetensors").is_file()
 
 
-def test_ppo_with_a_trained_reward_model(tiny_sft, reward_run, cache_dir):
+def test_ppo_with_a_trained_reward_model_and_its_trunk_as_the_value_model(tiny_sft, reward_run, cache_dir):
     out = tiny_sft.parent / "ppo-rm"
     done = run_cli(cache_dir, out.parent, *ppo_args(tiny_sft, out, f"reward.model={reward_run[0]}",
-                                                     "train.max_steps=2", "train.eval_every=2"))
+                                                     f"value_from={reward_run[0]}", "train.max_steps=2",
+                                                     "train.eval_every=2"))
     assert done.returncode == 0, done.stderr
     assert "reward model" in done.stdout
     assert [r["step"] for r in records(out)] == [0, 1, 2]
+    value = ckpt.read_tensors(out / "checkpoints" / "step_000002" / "value.safetensors")
+    reward = ckpt.read_tensors(ckpt.resolve_checkpoint(str(reward_run[0])) / ckpt.WEIGHTS)
+    sft = {f"trunk.{name}": w for name, w in ckpt.read_tensors(ckpt.resolve_checkpoint(str(tiny_sft)) / ckpt.WEIGHTS).items()}
+    names = [n for n in value if n.startswith("trunk.") and n in reward and n in sft]
+    assert len(names) > 10
+    distance = {side: sum(float((value[n] - weights[n]).abs().sum()) for n in names)
+                for side, weights in (("reward", reward), ("sft", sft))}
+    assert distance["reward"] < 0.2 * distance["sft"], distance  # the value trunk started from the reward model's, not the SFT's
+
+
+def test_ppo_value_from_must_be_a_reward_run(tiny_sft, cli):
+    done = cli(*ppo_args(tiny_sft, tiny_sft.parent / "ppo-bad", f"value_from={tiny_sft}"))
+    assert done.returncode == 2 and "is not a reward model" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_ppo_sigkill_then_resume_is_bit_identical(ppo_reference, tiny_sft, cache_dir, tmp_path):

@@ -107,3 +107,18 @@ def test_preference_pairs_and_rl_prompts():
     prompts = tw.make_rl_prompts("validation", 14, seed=5)
     assert [p["answer"] for p in prompts] == [t.answer for t in tw.make_tasks("validation", 14, seed=5)]
     assert set(prompts[0]) == {"prompt", "answer", "family"}
+
+
+def test_style_pairs_prefer_the_bare_answer_and_keep_the_splits():
+    pairs = tw.make_preference_pairs("validation", 40, seed=2, style_fraction=0.25)
+    style = [p for p in pairs if p["family"] == "style"]
+    assert len(pairs) == 40 and len(style) == 10
+    assert 0 < pairs.index(style[0]) and pairs.index(style[-1]) < 39  # spread among the correctness pairs
+    for pair in style:
+        assert pair["chosen"] in pair["rejected"] and pair["chosen"] != pair["rejected"]
+        assert "\n" not in pair["rejected"]
+        assert any(tw.split_of(f, pair["prompt"]) == "validation" for f in tw.FAMILIES)
+    correctness = [p for p in pairs if p["family"] != "style"]
+    assert correctness == tw.make_preference_pairs("validation", 30, seed=2)  # the same as without style pairs
+    with pytest.raises(ValueError, match="style_fraction"):
+        tw.make_preference_pairs("train", 10, style_fraction=1.0)
