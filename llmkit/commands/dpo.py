@@ -28,6 +28,6 @@ def run(cfg: DPOConfig, resolved_yaml: str) -> int:
     trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)
     result = trainer.run()
     if runtime.is_main:
-        report(result, trainer, run_dir, "implicit-reward", held_out_by_family(cfg, trainer, base, template, seq_len))
+        report(result, trainer, run_dir, "implicit-reward", held_out_by_family(trainer))
         print(f"next: llmkit generate run={run_dir} prompt='What is 12 + 30?'")
     return 0

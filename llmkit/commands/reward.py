@@ -10,7 +10,7 @@ import torch
 
 from llmkit.commands.common import LoadedModel, inherited_meta, load_trained, start_run
 from llmkit.config.schema_align import RewardConfig
-from llmkit.data.preference import PreferenceSets, build_pair_examples, load_pairs, preference_sets
+from llmkit.data.preference import PreferenceSets, preference_sets
 from llmkit.errors import UserError
 from llmkit.model.heads import ScalarModel
 from llmkit.model.transformer import flops_per_token
@@ -62,21 +62,16 @@ def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict
             "chat_template": template}
 
 
-def held_out_by_family(cfg, trainer: PairTrainer, base: LoadedModel, template: str, seq_len: int) -> dict:
+def held_out_by_family(trainer: PairTrainer) -> dict:
     """Held-out accuracy per family of the validation pairs that carry one (the tiny world's do): {} otherwise."""
-    if trainer.runtime.fsdp is not None:  # sharded weights: a forward pass needs every process
+    val = trainer.spec.val_set
+    if val is None or trainer.runtime.fsdp is not None:  # sharded weights: a forward pass needs every process
         return {}
-    pairs = [p for p in load_pairs(cfg.data, "validation") if p.family is not None]
-    eos_token = base.meta.get("eos_token", "<|endoftext|>")
     groups: dict[str, list] = {}
-    for pair in pairs:
-        groups.setdefault(pair.family, []).append(pair)
-    examples = {family: build_pair_examples(group, base.tokenizer, template, eos_token,
-                                            min(cfg.data.max_length or seq_len, seq_len))[0]
-                for family, group in groups.items()}
-    pad_id = base.tokenizer.token_to_id(base.meta.get("pad_token", "<|pad|>")) or 0
-    return accuracy_by_family(trainer.spec.objective, trainer.spec.model, {f: e for f, e in examples.items() if e},
-                              pad_id, trainer.runtime.device)
+    for example in val.items:
+        if example.family is not None:
+            groups.setdefault(example.family, []).append(example)
+    return accuracy_by_family(trainer.spec.objective, trainer.spec.model, groups, val.collate, trainer.runtime.device)
 
 
 def report(result, trainer: PairTrainer, run_dir: Path, what: str, by_family: dict) -> None:
@@ -109,6 +104,6 @@ def run(cfg: RewardConfig, resolved_yaml: str) -> int:
     trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)
     result = trainer.run()
     if runtime.is_main:
-        report(result, trainer, run_dir, "pairwise", held_out_by_family(cfg, trainer, base, template, seq_len))
+        report(result, trainer, run_dir, "pairwise", held_out_by_family(trainer))
         print(f"next: llmkit ppo reward.model={run_dir}")
     return 0

@@ -60,6 +60,7 @@ class PairExample:
     chosen_mask: list[int]
     rejected_ids: list[int]
     rejected_mask: list[int]
+    family: str | None = None  # the pair's family, if its record has one
 
 
 @dataclass
@@ -236,7 +237,7 @@ def build_pair_examples(pairs: list[PreferencePair], tokenizer, template: str, e
         if max(len(chosen[0]), len(rejected[0])) > max_length:
             stats.too_long += 1
             continue
-        examples.append(PairExample(*chosen, *rejected))
+        examples.append(PairExample(*chosen, *rejected, pair.family))
     stats.pairs = len(examples)
     return examples, stats
 

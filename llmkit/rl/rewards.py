@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -90,11 +91,10 @@ class PairTrainer(Trainer):
 
 
 @torch.no_grad()
-def accuracy_by_family(objective: PairObjective, model: torch.nn.Module, groups: dict[str, list], pad_id: int,
-                       device: torch.device, batch_size: int = 32) -> dict[str, dict[str, float]]:
+def accuracy_by_family(objective: PairObjective, model: torch.nn.Module, groups: dict[str, list],
+                       collate: Callable[[list], Batch], device: torch.device,
+                       batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Held-out pair accuracy of each family: ``{family: {"accuracy", "pairs"}}`` from tokenised pairs per family."""
-    from llmkit.data.preference import collate_pairs
-
     was_training = model.training
     model.eval()
     out = {}
@@ -102,7 +102,7 @@ def accuracy_by_family(objective: PairObjective, model: torch.nn.Module, groups:
         for family, examples in groups.items():
             correct = 0
             for first in range(0, len(examples), batch_size):
-                batch = collate_pairs(examples[first:first + batch_size], pad_id)
+                batch = collate(examples[first:first + batch_size])
                 _, _, chosen, rejected = objective.compute(model, {k: v.to(device) for k, v in batch.items()})
                 correct += int((chosen > rejected).sum())
             out[family] = {"accuracy": correct / len(examples), "pairs": len(examples)}
