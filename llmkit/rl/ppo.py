@@ -242,25 +242,24 @@ class PPOTrainer:
         so evaluations compare like with like and the training generator is untouched): val_sampled_reward."""
         if not self.val_prompts:
             return {}
-        size, totals, sampled = self.cfg.rollout.batch_size, torch.zeros(3), 0.0
         generator = torch.Generator(device=self.runtime.device)
         generator.manual_seed(self.cfg.train.seed + 1)
+
+        def answer(items: list[PromptItem], temperature: float) -> tuple[Rollout, Tensor, Tensor]:
+            with self.runtime.autocast():
+                rollout = sample_rollout(self.policy, [p.ids for p in items], temperature=temperature,
+                                         max_new_tokens=self.cfg.rollout.max_new_tokens, eos_id=self.eos_id,
+                                         pad_id=self.pad_id, generator=generator, tokenizer=self.tokenizer)
+            return rollout, *self._scores(rollout, [p.answer for p in items])
+
+        size, totals = self.cfg.rollout.batch_size, torch.zeros(4)
         for first in range(0, len(self.val_prompts), size):
             items = self.val_prompts[first:first + size]
-            answers = [p.answer for p in items]
-            for temperature in (0.0, self.cfg.rollout.temperature):
-                with self.runtime.autocast():
-                    rollout = sample_rollout(self.policy, [p.ids for p in items], temperature=temperature,
-                                             max_new_tokens=self.cfg.rollout.max_new_tokens, eos_id=self.eos_id,
-                                             pad_id=self.pad_id, generator=generator, tokenizer=self.tokenizer)
-                raw, scores = self._scores(rollout, answers)
-                if temperature == 0.0:
-                    totals += torch.stack([scores.sum(), raw.sum(), rollout.ended.float().sum()]).cpu()
-                else:
-                    sampled += scores.sum().item()
-        reward, score, ended = (totals / len(self.val_prompts)).tolist()
-        return {"val_reward": reward, "val_score": score, "val_ended": ended,
-                "val_sampled_reward": sampled / len(self.val_prompts)}
+            greedy, raw, scores = answer(items, 0.0)
+            sampled = answer(items, self.cfg.rollout.temperature)[2]
+            totals += torch.stack([scores.sum(), raw.sum(), greedy.ended.float().sum(), sampled.sum()]).cpu()
+        reward, score, ended, sampled_reward = (totals / len(self.val_prompts)).tolist()
+        return {"val_reward": reward, "val_score": score, "val_ended": ended, "val_sampled_reward": sampled_reward}
 
     # ----- the loop -----------------------------------------------------------------------------
     def run(self) -> Path | None:

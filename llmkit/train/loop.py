@@ -180,9 +180,7 @@ class Trainer:
         if source is not None:  # weights go into the whole model, before any sharding
             self._load_weights(source)
         if runtime.fsdp is not None:  # FSDP2 shards in place; the optimizer must then hold the sharded parameters
-            runtime.prepare(self.model)
-            if getattr(spec.objective, "fused", False):  # it reads lm_head.weight outside forward: a shard under FSDP
-                spec.objective.fused = False
+            runtime.prepare(self.model)  # (CausalLM then takes its logits from the forward: lm_head is sharded)
         self.optimizer = build_optimizer(self.model, optim, runtime.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.max_steps, sched)
         resumed = source is not None and self._load_train_state(source)
@@ -397,8 +395,7 @@ class Trainer:
             grad_norm = torch.zeros((), device=runtime.device)
         values = StepValues(self.state.step + 1, runtime.sum(loss_sum), total, grad_norm,
                             {k: runtime.sum(v) for k, v in metric_sums.items()})
-        bad = ~(torch.isfinite(values.loss_sum) & torch.isfinite(grad_norm.float()))
-        bad = bad | (total == 0)
+        bad = ~(torch.isfinite(values.loss_sum) & torch.isfinite(grad_norm.float())) | (total == 0)
         self.pending.append(values)
         if self.device_skip:
             self.optimizer.found_inf = self._device_guard(bad).float()  # fused AdamW skips the update when 1

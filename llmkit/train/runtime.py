@@ -77,7 +77,6 @@ class Runtime:
         else:
             yield
 
-
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Shard `model` in place with FSDP2 (each wrap-class module, then the root); DDP-wrap it on several
         processes without FSDP; unchanged on one process. Build the optimizer on `model` afterwards."""
