@@ -19,6 +19,7 @@ PREFERENCE_SOURCES = ("tinyworld", "files", "hub")
 PREFERENCE_FORMATS = ("auto", "pairs", "hh", "messages")
 PROMPT_SOURCES = ("tinyworld", "files")
 DPO_LOSSES = ("sigmoid", "ipo")
+PPO_BASELINES = ("value", "group")
 REWARD_RULES = ("exact_match",)
 
 
@@ -168,12 +169,16 @@ class RewardSourceConfig:
 class RolloutConfig:
     """Sampling of responses: the same temperature scales the training log-probs."""
 
-    batch_size: int = 32  # prompts (= responses) per iteration
+    batch_size: int = 32  # responses per iteration
+    samples_per_prompt: int = 1  # responses drawn per prompt (batch_size / samples_per_prompt prompts each iteration)
     max_new_tokens: int = 16  # a response that reaches this without eos is truncated and penalised
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"rollout.batch_size must be positive, got {self.batch_size}")
+        _check(self.samples_per_prompt > 0 and self.batch_size % self.samples_per_prompt == 0,
+               f"rollout.samples_per_prompt={self.samples_per_prompt} must be positive and divide "
+               f"rollout.batch_size={self.batch_size}")
         _check(self.max_new_tokens > 0, f"rollout.max_new_tokens must be positive, got {self.max_new_tokens}")
         _check(self.temperature > 0, f"rollout.temperature must be positive (PPO needs sampling), got {self.temperature}")
 
@@ -191,8 +196,12 @@ class PPOLossConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    value_warmup: int = 0  # first iterations that train only the value model (the policy is left as it is)
+    baseline: str = "value"  # value: GAE on the value model | group: leave-one-out mean of the prompt's other responses
 
     def __post_init__(self) -> None:
+        _check(self.value_warmup >= 0, f"ppo.value_warmup must be >= 0, got {self.value_warmup}")
+        _choice("ppo.baseline", self.baseline, PPO_BASELINES)
         for key in ("epochs", "minibatch_size", "micro_batch_size"):
             _check(getattr(self, key) > 0, f"ppo.{key} must be positive, got {getattr(self, key)}")
         _check(self.minibatch_size % self.micro_batch_size == 0,
@@ -294,6 +303,8 @@ class PPOConfig(RunConfig):
         _check(self.rollout.batch_size % self.ppo.minibatch_size == 0,
                f"rollout.batch_size={self.rollout.batch_size} must be a multiple of ppo.minibatch_size="
                f"{self.ppo.minibatch_size}")
+        _check(self.ppo.baseline != "group" or self.rollout.samples_per_prompt > 1,
+               "ppo.baseline=group compares the responses to the same prompt: set rollout.samples_per_prompt >= 2")
         _check(self.reward.model is not None or self.data.source == "tinyworld" or bool(self.data.answer_field),
                "reward.rule needs data.answer_field (the known answers), or set reward.model=<a reward run>")
 

@@ -104,6 +104,25 @@ def gae(
     return advantages, returns
 
 
+@torch.no_grad()
+def leave_one_out_advantages(rewards: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Sequence-level advantages with a leave-one-out group baseline (RLOO, Ahmadian et al. 2024) -> (B, T).
+
+    Rows come in groups of `group` adjacent responses to the same prompt. Each response's return is
+    the sum of its per-token rewards (score and KL penalty); its advantage, on every valid token, is that
+    return minus the mean return of the other responses to the same prompt. 0 on padding.
+    """
+    if group < 2 or rewards.size(0) % group:
+        raise ValueError(f"a leave-one-out baseline needs groups of >= 2 rows dividing the batch; got group={group} "
+                         f"for {rewards.size(0)} rows")
+    m = _bool_mask(rewards, mask)
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    returns = torch.where(m, rewards.to(dtype), torch.zeros((), dtype=dtype)).sum(1).view(-1, group)  # (G, k)
+    baseline = (returns.sum(1, keepdim=True) - returns) / (group - 1)  # (G, k) mean of the others
+    advantage = (returns - baseline).reshape(-1, 1)  # (B, 1)
+    return torch.where(m, advantage, torch.zeros((), dtype=dtype))
+
+
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
 

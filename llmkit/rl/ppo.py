@@ -36,6 +36,7 @@ from llmkit.rl.advantages import (
     AdaptiveKLController,
     FixedKLController,
     gae,
+    leave_one_out_advantages,
     masked_mean,
     masked_whiten,
     token_rewards,
@@ -128,8 +129,9 @@ class PPOTrainer:
     def experience(self, iteration: int) -> Experience:
         """Sample, score and estimate one rollout batch (old log-probs, reference log-probs, values, GAE)."""
         cfg, runtime = self.cfg, self.runtime
-        _, picks = batch_indices(self.prompts, cfg.rollout.batch_size, cfg.train.seed, iteration)
-        items = [self.prompts.example(0, i) for i in picks]
+        k = cfg.rollout.samples_per_prompt
+        _, picks = batch_indices(self.prompts, cfg.rollout.batch_size // k, cfg.train.seed, iteration)
+        items = [self.prompts.example(0, i) for i in picks for _ in range(k)]  # each prompt k times, adjacent
         start = time.perf_counter()
         with runtime.autocast():
             rollout = sample_rollout(self.policy, [p.ids for p in items], max_new_tokens=cfg.rollout.max_new_tokens,
@@ -154,6 +156,8 @@ class PPOTrainer:
         kl = torch.where(mask, old_logp - ref_logp, torch.zeros_like(old_logp))  # (B, N) k1 per token
         rewards = token_rewards(shaped, kl, mask, self.kl.beta)
         advantages, returns = gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.baseline == "group":  # the value model still learns the returns (logged), but no longer steers
+            advantages = leave_one_out_advantages(rewards, mask, cfg.rollout.samples_per_prompt)
         if cfg.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         stats = {"reward": scores.mean().item(), "score": raw.mean().item(), "kl": kl.sum(1).mean().item(),
@@ -169,6 +173,7 @@ class PPOTrainer:
         cfg, runtime = self.cfg, self.runtime
         rollout, mask, P = exp.rollout, exp.rollout.response_mask, exp.rollout.prompt_len
         size, out = cfg.ppo.minibatch_size, []
+        train_policy = iteration >= cfg.ppo.value_warmup
         for epoch in range(cfg.ppo.epochs):
             order = exp.order if epoch == 0 else self._order(iteration, epoch).to(runtime.device)
             for first in range(0, len(order), size):
@@ -187,7 +192,8 @@ class PPOTrainer:
                                                           cfg.ppo.clip_eps)
                     if cfg.ppo.entropy_coef:  # the bonus: minus the token-mean entropy of the sampling distribution
                         policy_loss = policy_loss - cfg.ppo.entropy_coef * masked_mean(entropy_from_logits(logits), m)
-                    (policy_loss * weight).backward()
+                    if train_policy:
+                        (policy_loss * weight).backward()
                     with runtime.autocast():
                         values = value_forward(self.value, tokens, attn, P).float()
                     value_loss, vstats = ppo_value_loss(values, exp.old_values[rows], exp.returns[rows], m,
@@ -201,12 +207,13 @@ class PPOTrainer:
                     ratio_dev = torch.maximum(ratio_dev, dev.max())
                 stats = {key: value.item() for key, value in sums.items()}
                 stats["ratio_dev"] = ratio_dev.item()  # max |ratio - 1|: exactly 0 on the very first minibatch
-                stats.update(self._step(stats, iteration))
+                stats.update(self._step(stats, iteration, train_policy))
                 out.append(stats)
         return out
 
-    def _step(self, stats: dict[str, float], iteration: int) -> dict[str, float]:
-        """Clip and apply both models' gradients, unless something is non-finite (then skip or stop)."""
+    def _step(self, stats: dict[str, float], iteration: int, train_policy: bool) -> dict[str, float]:
+        """Clip and apply both models' gradients (the value model's alone during ppo.value_warmup), unless
+        something is non-finite (then skip or stop)."""
         norms = {}
         for name, model, clip in (("grad_norm", self.policy, self.cfg.optim.grad_clip),
                                   ("value_grad_norm", self.value, self.cfg.value_optim.grad_clip)):
@@ -214,7 +221,8 @@ class PPOTrainer:
             norms[name] = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
         values = [stats["policy_loss"], stats["value_loss"], *norms.values()]
         if all(torch.isfinite(torch.tensor(values))):
-            self.optimizer.step()
+            if train_policy:
+                self.optimizer.step()
             self.value_optimizer.step()
         else:
             self._nonfinite(iteration, values)

@@ -12,6 +12,7 @@ from llmkit.config.schema_align import (
     RolloutConfig,
 )
 from llmkit.data import tinyworld as tw
+from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
 from llmkit.model.heads import ScalarModel, last_token_values
 from llmkit.model.transformer import Transformer
@@ -47,9 +48,9 @@ def prompts_for(tok, n: int, split: str = "train"):
     return items
 
 
-def make_trainer(tok, tmp_path, policy: Transformer, **rollout) -> PPOTrainer:
+def make_trainer(tok, tmp_path, policy: Transformer, ppo: dict | None = None, **rollout) -> PPOTrainer:
     cfg = PPOConfig(rollout=RolloutConfig(batch_size=8, max_new_tokens=6, **rollout),
-                    ppo=PPOLossConfig(epochs=2, minibatch_size=4, micro_batch_size=2),
+                    ppo=PPOLossConfig(epochs=2, minibatch_size=4, micro_batch_size=2, **(ppo or {})),
                     train=PPOTrainConfig(device="cpu", max_steps=2), logger=LoggerConfig(tensorboard=False, progress=False))
     models = PPOModels(policy, make_model(policy.cfg.vocab_size), ScalarModel(make_model(policy.cfg.vocab_size)))
     models.reference.load_state_dict(policy.state_dict())
@@ -84,6 +85,31 @@ def test_ratio_is_exactly_one_on_the_first_minibatch_and_kl_zero_at_the_start(to
     assert len(stats) == 2 * 2  # epochs x minibatches
     assert stats[0]["ratio_dev"] == 0.0 and stats[0]["clipfrac"] == 0.0 and stats[0]["approx_kl"] == 0.0
     assert stats[1]["ratio_dev"] > 0.0  # after one optimizer step the policy has moved
+
+
+def test_samples_per_prompt_and_the_group_baseline(tok, tmp_path):
+    trainer = make_trainer(tok, tmp_path, make_model(tok.get_vocab_size()), samples_per_prompt=4,
+                           ppo={"baseline": "group", "whiten_advantages": False})
+    exp = trainer.experience(0)
+    rollout, P = exp.rollout, exp.rollout.prompt_len
+    prompts = rollout.tokens[:, :P].view(2, 4, P)
+    assert (prompts == prompts[:, :1]).all() and not (prompts[0, 0] == prompts[1, 0]).all()  # 2 prompts x 4
+    per_response = exp.advantages[:, 0].view(2, 4)  # the same advantage on every token of a response
+    assert torch.equal(exp.advantages, torch.where(rollout.response_mask, exp.advantages[:, :1], 0.0))
+    torch.testing.assert_close(per_response.sum(1), torch.zeros(2), atol=1e-5, rtol=0)  # leave-one-out sums to 0
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        PPOConfig(ppo=PPOLossConfig(baseline="group"))
+
+
+def test_value_warmup_trains_only_the_value_model(tok, tmp_path):
+    trainer = make_trainer(tok, tmp_path, make_model(tok.get_vocab_size()), ppo={"value_warmup": 1})
+    policy = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    value = {k: v.clone() for k, v in trainer.value.state_dict().items()}
+    trainer.update(trainer.experience(0), 0)
+    assert all(torch.equal(policy[k], v) for k, v in trainer.policy.state_dict().items())
+    assert not all(torch.equal(value[k], v) for k, v in trainer.value.state_dict().items())
+    trainer.update(trainer.experience(1), 1)  # warm-up over: the policy moves too
+    assert not all(torch.equal(policy[k], v) for k, v in trainer.policy.state_dict().items())
 
 
 def eos_prone_model(vocab: int, eos: int, p_eos: float) -> Transformer:

@@ -11,6 +11,7 @@ from llmkit.rl.advantages import (
     FixedKLController,
     gae,
     kl_per_token,
+    leave_one_out_advantages,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -119,6 +120,19 @@ def test_gae_rejects_holes_and_bad_args():
 
 
 # ---------------------------------------------------------------- KL and rewards
+
+
+def test_leave_one_out_advantages_by_hand():
+    # two prompts x 2 responses; returns (sum of valid rewards): 1.5, -0.5 | 2.0, 0.0 (row 3's padding is garbage)
+    rewards = t([[0.5, 1.0, 0.0], [-0.5, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, float("nan"), 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    adv = leave_one_out_advantages(rewards, mask, group=2)
+    close(adv, [[2.0, 2.0, 2.0], [-2.0, 0.0, 0.0], [2.0, 2.0, 0.0], [-2.0, 0.0, 0.0]])
+    # group of 3: return 3 minus the mean of (0, 0) = 3; each 0 minus the mean of (3, 0) = -1.5
+    adv3 = leave_one_out_advantages(t([[3.0], [0.0], [0.0]]), torch.ones(3, 1, dtype=torch.bool), group=3)
+    close(adv3, [[3.0], [-1.5], [-1.5]])
+    with pytest.raises(ValueError, match="groups"):
+        leave_one_out_advantages(rewards, mask, group=3)
 
 
 def test_kl_per_token_values():
