@@ -18,10 +18,11 @@ def run(cfg: DPOConfig, resolved_yaml: str) -> int:
     sets, template, seq_len = pair_data(cfg, base, run_dir, runtime.is_main)
     policy = base.model.train()
     reference = copy.deepcopy(policy).to(runtime.device)  # the initial policy, before any resume loads newer weights
-    objective = DPOObjective(reference, cfg.loss.kind, cfg.loss.beta, cfg.loss.label_smoothing)
+    objective = DPOObjective(reference, cfg.loss.kind, cfg.loss.beta, cfg.loss.label_smoothing, cfg.loss.nll_weight)
+    losses = {"kind": cfg.loss.kind, "beta": cfg.loss.beta, "nll_weight": cfg.loss.nll_weight}
     spec = TrainSpec(
         command="dpo", model=policy, objective=objective, train_set=sets.train, val_set=sets.val, run_dir=run_dir,
-        meta={**pair_meta(base, "dpo", template, policy.cfg), "dpo": {"kind": cfg.loss.kind, "beta": cfg.loss.beta}},
+        meta={**pair_meta(base, "dpo", template, policy.cfg), "dpo": losses},
         flops_per_token=flops_per_token(policy.cfg, seq_len) * 8 / 6,  # + the reference's forward pass
         files={"tokenizer.json": run_dir / "tokenizer.json"},
     )

@@ -141,12 +141,15 @@ class DPOLossConfig:
     kind: str = "sigmoid"  # sigmoid | ipo
     beta: float = 0.1  # strength of the implicit KL to the reference
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only): assumed share of flipped labels
+    nll_weight: float = 0.0  # RPO: + nll_weight * per-token mean NLL of the chosen response (keeps it likely)
 
     def __post_init__(self) -> None:
         _choice("loss.kind", self.kind, DPO_LOSSES)
         _check(self.beta > 0, f"loss.beta must be positive, got {self.beta}")
         _check(0.0 <= self.label_smoothing <= 0.5, f"loss.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
         _check(self.kind == "sigmoid" or self.label_smoothing == 0, "loss.label_smoothing applies only to loss.kind=sigmoid")
+        _check(self.nll_weight >= 0, f"loss.nll_weight must be >= 0 (0 turns the chosen-response NLL term off), "
+                                     f"got {self.nll_weight}")
 
 
 @dataclass

@@ -233,19 +233,32 @@ def dpo_loss(
     beta: float,
     kind: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
 ) -> tuple[torch.Tensor, Stats]:
     """DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) loss from sequence log-probs (N,), SUMMED.
 
     h = (pi_c - ref_c) - (pi_r - ref_r), the difference of chosen and rejected log-ratios.
     sigmoid: -(1 - ls) * logsigmoid(beta * h) - ls * logsigmoid(-beta * h) (ls: conservative DPO's
     label smoothing). ipo: (h - 1/(2 * beta))^2; pass per-token averaged log-probs (module docstring).
+    RPO (Pang et al. 2024; TRL's rpo_alpha): each pair's loss gains nll_weight * chosen_nll, where
+    chosen_nll (N,) is the policy's per-token mean NLL of that pair's chosen response (`response_nll`);
+    as a per-pair term it is summed with the rest, so micro-batching does not change it.
     stats (batch means): rewards_chosen = beta * (pi_c - ref_c), rewards_rejected, margin = their
-    difference, accuracy = share of pairs with rewards_chosen > rewards_rejected.
+    difference, accuracy = share of pairs with rewards_chosen > rewards_rejected; nll when chosen_nll
+    is given (logged even at nll_weight 0: it shows the chosen answers' likelihood falling).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0; got {beta}")
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5]; got {label_smoothing}")
+    if nll_weight < 0:
+        raise ValueError(f"nll_weight must be >= 0; got {nll_weight}")
+    if nll_weight and chosen_nll is None:
+        raise ValueError("nll_weight > 0 needs chosen_nll, the per-token mean NLL of each chosen response")
+    if chosen_nll is not None and chosen_nll.shape != policy_chosen_logp.shape:
+        raise ValueError(f"chosen_nll {tuple(chosen_nll.shape)} and policy_chosen_logp "
+                         f"{tuple(policy_chosen_logp.shape)} differ")
     chosen_ratio = policy_chosen_logp - ref_chosen_logp  # (N,)
     rejected_ratio = policy_rejected_logp - ref_rejected_logp  # (N,)
     h = chosen_ratio - rejected_ratio
@@ -257,6 +270,8 @@ def dpo_loss(
         losses = (h - 1.0 / (2.0 * beta)).square()
     else:
         raise ValueError(f"unknown DPO loss kind={kind!r}; expected one of {', '.join(DPO_KINDS)}")
+    if nll_weight:
+        losses = losses + nll_weight * chosen_nll
     with torch.no_grad():
         rewards_chosen = beta * chosen_ratio
         rewards_rejected = beta * rejected_ratio
@@ -267,4 +282,16 @@ def dpo_loss(
             "margin": margin.mean(),
             "accuracy": (margin > 0).to(margin.dtype).mean(),
         }
+        if chosen_nll is not None:
+            stats["nll"] = chosen_nll.detach().mean()
     return losses.sum(), stats
+
+
+def response_nll(logp_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token mean negative log-likelihood (B,) of each row's valid tokens: (B, T) log-probs and mask.
+
+    The mean is per row (per response), not over the batch's tokens, so a pair loss that sums it over
+    rows and is divided by the pair count (as the shared loop does) gives the same gradient however the
+    global batch is split into micro-batches or processes. A row with no valid token scores 0.
+    """
+    return -sequence_logprob(logp_tokens, mask, average=True)

@@ -23,7 +23,13 @@ from llmkit.config.schema_align import RewardSourceConfig
 from llmkit.data.tinyworld import score_exact
 from llmkit.errors import UserError
 from llmkit.model.heads import last_token_values, load_scalar_model
-from llmkit.rl.losses import bradley_terry_loss, dpo_loss, logprobs_from_logits, sequence_logprob
+from llmkit.rl.losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    logprobs_from_logits,
+    response_nll,
+    sequence_logprob,
+)
 from llmkit.train.loop import Trainer
 
 Batch = dict[str, Tensor]
@@ -141,30 +147,45 @@ class BradleyTerryObjective(PairObjective):
         return loss, stats, chosen, rejected
 
 
-def response_logprobs(model: torch.nn.Module, batch: Batch, average: bool) -> Tensor:
-    """Log-prob (B,) of each row's response tokens given what precedes them (summed, or averaged per token)."""
+def response_token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Token log-probs (B, T-1) of each row given what precedes it, and the mask (B, T-1) of response tokens."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(ids, attention_mask=mask)  # (B, T, V)
-    token_logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1)
-    return sequence_logprob(token_logp, batch["response_mask"][:, 1:], average=average)
+    return logprobs_from_logits(logits[:, :-1], ids[:, 1:]), batch["response_mask"][:, 1:]
+
+
+def response_logprobs(model: torch.nn.Module, batch: Batch, average: bool) -> Tensor:
+    """Log-prob (B,) of each row's response tokens given what precedes them (summed, or averaged per token)."""
+    token_logp, response = response_token_logprobs(model, batch)
+    return sequence_logprob(token_logp, response, average=average)
 
 
 class DPOObjective(PairObjective):
-    """DPO / IPO against a frozen reference whose log-probs are computed here, without gradient."""
+    """DPO / IPO against a frozen reference whose log-probs are computed here, without gradient.
 
-    def __init__(self, reference: torch.nn.Module, kind: str, beta: float, label_smoothing: float) -> None:
+    nll_weight > 0 adds RPO's term: nll_weight times the policy's per-token mean NLL of each pair's chosen
+    response (response tokens only, never the prompt), per pair like the DPO loss, so the loop's division
+    by the pair count makes it a mean over pairs, the same under any micro-batching. `nll` is always logged.
+    """
+
+    def __init__(self, reference: torch.nn.Module, kind: str, beta: float, label_smoothing: float,
+                 nll_weight: float = 0.0) -> None:
         super().__init__()
         self.reference = reference.eval().requires_grad_(False)
-        self.kind, self.beta, self.label_smoothing = kind, beta, label_smoothing
+        self.kind, self.beta, self.label_smoothing, self.nll_weight = kind, beta, label_smoothing, nll_weight
 
     def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
         average = self.kind == "ipo"  # IPO's target is in per-token units (llmkit.rl.losses)
-        policy = response_logprobs(model, batch, average)  # (2N,)
+        token_logp, response = response_token_logprobs(model, batch)  # (2N, T-1)
+        policy = sequence_logprob(token_logp, response, average=average)  # (2N,)
         with torch.no_grad():
             reference = response_logprobs(self.reference, batch, average)  # (2N,)
         n = policy.shape[0] // 2
+        chosen_nll = response_nll(token_logp[:n], response[:n])  # (N,), the chosen rows
+        if not self.nll_weight:
+            chosen_nll = chosen_nll.detach()  # logged only
         loss, stats = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.kind,
-                               self.label_smoothing)
+                               self.label_smoothing, chosen_nll, self.nll_weight)
         ratios = (policy - reference).detach() * self.beta  # implicit rewards
         return loss, stats, ratios[:n], ratios[n:]
 
