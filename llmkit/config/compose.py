@@ -75,6 +75,7 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
             with initialize_config_dir(str(conf_dir), version_base="1.3"):
                 cfg = hydra_compose(command, overrides=[f"hydra.searchpath=[{searchpath}]", *extra, *overrides])
             typed = OmegaConf.to_object(cfg)
+            _write_back_normalised(cfg, typed)
         except UserError:
             raise
         except Exception as error:  # Hydra/OmegaConf raise many types; each becomes one message
@@ -82,6 +83,21 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
         finally:
             GlobalHydra.instance().clear()
     return typed, OmegaConf.to_yaml(cfg)
+
+
+def _write_back_normalised(node: Any, typed: Any) -> None:
+    """Copy the strings a schema's __post_init__ normalised (train.compile: 'True' -> 'true') back into the composed
+    config, so the printed and saved YAML shows the values the run uses."""
+    from omegaconf import DictConfig
+
+    for f in dataclasses.fields(typed) if dataclasses.is_dataclass(typed) else ():
+        if f.name not in node:
+            continue
+        value, child = getattr(typed, f.name), node[f.name]
+        if isinstance(child, DictConfig):
+            _write_back_normalised(child, value)
+        elif isinstance(value, str) and isinstance(child, str) and value != child:
+            node[f.name] = value
 
 
 def _recipe_override(recipe: str, recipes_dir: Path, scratch: Path) -> tuple[str, str]:

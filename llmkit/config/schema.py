@@ -8,6 +8,7 @@ No torch import here: the CLI validates a config before torch loads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmkit.data.config import CorpusConfig
 from llmkit.data.sft_config import SFTDataConfig
@@ -85,7 +86,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or grad norm does
     max_nonfinite_skips: int = 10
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
-    compile: str = "auto"  # true | false | auto (on CUDA, off on CPU where it measured not worth the compile time)
+    # true | false | auto (on CUDA, off on CPU where it measured not worth the compile time). Any, not str, so YAML
+    # and CLI booleans stay booleans in the printed config (a str node would print 'True'); a str after __post_init__.
+    compile: Any = "auto"
     fused_loss: bool = True  # lm_head + cross-entropy by row chunks, never the full (B, T, V) logits
     prefetch: bool = True  # build the next step's batches on a background thread during the step
     device: str = "auto"  # auto | cpu | cuda
@@ -105,7 +108,7 @@ class TrainConfig:
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        self.compile = str(self.compile).lower()  # YAML/CLI booleans arrive as 'True' / 'False'
+        self.compile = str(self.compile).lower()  # True / False -> 'true' / 'false'
         _choice("train.compile", self.compile, ("auto", "true", "false"))
         _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
 

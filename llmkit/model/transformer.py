@@ -226,7 +226,8 @@ class Transformer(nn.Module):
         tokens: (B, T) ids. positions: (B, T) position ids (default arange after the cached tokens);
         packing and left padding restart them. doc_ids: (B, T) packed-document ids; attention stays
         causal and within one document (not with a cache). attention_mask: (B, cached + T), 1 = real
-        token, 0 = padding key. cache: a KVCache from new_cache, appended to and advanced by T.
+        token, 0 = padding key; never read on the host (None, not all ones, gives SDPA's causal fast path).
+        cache: a KVCache from new_cache, appended to and advanced by T.
         """
         B, T = tokens.shape
         past = cache.length if cache is not None else 0
@@ -264,12 +265,13 @@ class Transformer(nn.Module):
     def _attention_mask(
         B: int, T: int, past: int, doc_ids: Tensor | None, attention_mask: Tensor | None, device: torch.device
     ) -> Tensor | None:
-        """Boolean mask (B|1, 1, T, past + T), True = may attend; None when plain causal attention suffices."""
-        if attention_mask is not None:
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)}, got {tuple(attention_mask.shape)}")
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: skip the explicit mask
+        """Boolean mask (B|1, 1, T, past + T), True = may attend; None when plain causal attention suffices.
+
+        An attention_mask always gives an explicit mask, padded or not: looking at its values here would be a
+        host-device sync. Callers that know a batch has no padding pass None to get SDPA's causal fast path.
+        """
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)}, got {tuple(attention_mask.shape)}")
         if doc_ids is not None and past:
             raise ValueError("doc_ids (packed sequences) cannot be combined with a KV cache")
         if attention_mask is None and doc_ids is None and (past == 0 or T == 1):

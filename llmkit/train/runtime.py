@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,9 @@ class Runtime:
         for unit in units:
             fully_shard(unit, **options)
         fully_shard(model, **options)
+        # With a padded vocabulary (model.pad_vocab_multiple) the root returns its logits sliced to vocab_size, a view;
+        # FSDP2 warns that an in-place op on it would skip the backward all-gather. llmkit never writes into them.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTransformer\) returned a view tensor")
         if self.is_main:
             print(f"FSDP2: {len(units)} {'/'.join(self.fsdp.wrap_classes)} units and the root sharded over "
                   f"{self.world_size} processes")

@@ -87,6 +87,25 @@ def test_fsdp_on_two_cpu_processes_matches_one_saves_full_weights_and_resumes(cl
     assert cli("generate", f"run={fsdp}", "prompt=Return the", "sampling.max_new_tokens=4").returncode == 0
 
 
+def test_fsdp_with_a_padded_vocabulary_matches_one_process(cli, cache_dir, tmp_path):
+    """Vocabulary 520 is padded to 576 rows (model.pad_vocab_multiple=64): the state-dict hooks that strip and add
+    the padding run on sharded parameters; the consolidated checkpoint holds 520 rows and equals one process."""
+    args = [*FSDP_ARGS, "model=tiny_llama", "model.vocab_size=520", "train.max_steps=4"]
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    assert cli(*args, f"out_dir={one}").returncode == 0
+    done = accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *args, f"out_dir={fsdp}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "returned a view tensor" not in done.stderr
+    a, b = final_weights(one), final_weights(fsdp)
+    assert sorted(a) == sorted(b) and b["tok_emb.weight"].shape[0] == b["lm_head.weight"].shape[0] == 520
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    loaded = load_trained(str(fsdp))
+    assert loaded.model.lm_head.weight.shape[0] == 576 and not loaded.model.lm_head.weight[520:].any()
+    for name, tensor in loaded.model.state_dict().items():
+        torch.testing.assert_close(tensor, a[name], rtol=0, atol=1e-5)
+
+
 def test_a_deepspeed_launch_without_deepspeed_gives_one_clear_message(cli, cache_dir, tmp_path):
     """What `accelerate launch --config_file conf/accelerate/deepspeed_zero2.yaml` puts in the environment."""
     env = {**cli_env(cache_dir), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}

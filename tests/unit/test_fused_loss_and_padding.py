@@ -7,6 +7,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from llmkit.config.compose import compose
 from llmkit.config.schema import TrainConfig
 from llmkit.errors import UserError
 from llmkit.generate import generate
@@ -140,6 +141,13 @@ def test_compile_setting_is_bool_compatible():
     assert not use_compile("auto", torch.device("cpu")) and use_compile("auto", torch.device("cuda"))
     with pytest.raises(UserError, match="train.compile"):
         TrainConfig(compile="sometimes")
+
+
+@pytest.mark.parametrize("value, shown", [("true", "true"), ("True", "true"), ("false", "false"), ("Auto", "auto")])
+def test_printed_config_shows_the_normalised_compile_setting(value, shown):
+    typed, text = compose("pretrain", None, [f"train.compile={value}"])
+    assert typed.train.compile == shown
+    assert f"\n  compile: {shown}\n" in text
 
 
 def records(run_dir, steps=None):

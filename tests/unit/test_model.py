@@ -200,3 +200,42 @@ def test_padding_mask_never_leaves_a_query_without_keys():
     assert built.any(dim=-1).all()
     assert not built[0, 0, 4, :3].any()  # real tokens never attend to padding
     assert built[0, 0, 4, 3:].all() and not built[1, 0, 1, 2:].any()  # causal
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_attention_mask_is_never_read_on_the_host(style, monkeypatch):
+    """An all-ones attention_mask gives the outputs of no mask, without a host read (a device sync on GPU)."""
+    model = make(style)
+    tokens = torch.randint(0, V, (2, 12))
+    plain = model(tokens)
+
+    def no_host_read(*args):
+        raise AssertionError("tensor value read on the host during the forward")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    masked = model(tokens, attention_mask=torch.ones_like(tokens))
+    cache = model.new_cache(2, 12)
+    model(tokens[:, :8], attention_mask=torch.ones(2, 8, dtype=torch.long), cache=cache)
+    step = model(tokens[:, 8:9], attention_mask=torch.ones(2, 9, dtype=torch.long), cache=cache)
+    monkeypatch.undo()
+    torch.testing.assert_close(masked, plain)
+    torch.testing.assert_close(step[:, 0], plain[:, 8])
+
+
+def test_sdpa_gets_the_causal_fast_path_without_a_mask(monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["attn_mask"] is None, kwargs["is_causal"]))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = make("llama_gqa")
+    tokens = torch.randint(0, V, (2, 6))
+    model(tokens)
+    assert calls and all(c == (True, True) for c in calls)
+    calls.clear()
+    model(tokens, attention_mask=torch.ones_like(tokens))
+    assert calls and all(c == (False, False) for c in calls)
