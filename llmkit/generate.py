@@ -183,7 +183,11 @@ def _generate(
 
     cache = model.new_cache(B, total)
     positions = positions_from_mask(mask[:, :P])  # (B, P)
-    hidden = model(tokens[:, :P], positions=positions, attention_mask=mask[:, :P], cache=cache, return_hidden=True)
+    # The mask matters only once some key is padding: a shorter prompt, or a row that has finished. Until then None
+    # gives the model's causal fast path (the model never reads a mask's values on the host).
+    masked = any(len(p) < P for p in prompts)
+    hidden = model(tokens[:, :P], positions=positions, attention_mask=mask[:, :P] if masked else None, cache=cache,
+                   return_hidden=True)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
@@ -201,11 +205,15 @@ def _generate(
             finished |= hit
         if on_tokens is not None:
             on_tokens(step, new.clone(), finished.clone())
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1:
             break
-        hidden = model(
-            new[:, None], positions=next_pos, attention_mask=mask[:, : col + 1], cache=cache, return_hidden=True
-        )
+        if eos is not None:  # one host read per step: stop when every row has ended, mask once one has
+            n_finished = int(finished.sum())
+            if n_finished == B:
+                break
+            masked = masked or n_finished > 0
+        hidden = model(new[:, None], positions=next_pos, attention_mask=mask[:, : col + 1] if masked else None,
+                       cache=cache, return_hidden=True)
         next_pos = next_pos + 1
     used = P + step + 1
     return tokens[:, :used], mask[:, :used], ended.tolist()

@@ -267,6 +267,8 @@ class OracleLM(nn.Module):
     def forward(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden=False):
         out = torch.full((*tokens.shape, self.cfg.vocab_size), -10.0)
         if not cache.targets:  # the prefill: read each prompt, plan its answer
+            if attention_mask is None:  # generate passes None while no key is padding
+                attention_mask = torch.ones_like(tokens)
             for row, mask in zip(tokens.tolist(), attention_mask.tolist()):
                 text = self.tokenizer.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=False)
                 asked = max((q for q in self.questions if q in text), key=text.rfind)

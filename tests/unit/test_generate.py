@@ -87,6 +87,26 @@ def test_eos_stops_a_row_and_all_done_stops_early():
     assert res.new_tokens == [[], [], [], []]
 
 
+def test_mask_is_passed_only_once_some_key_is_padding():
+    """Unpadded prompts take the causal fast path (mask None) until a row ends; outputs stay the reference's."""
+    model = make("llama")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("attention_mask") is None), with_kwargs=True)
+    same_len = [[3, 14, 15, 9], [35, 8, 9, 7], [1, 2, 3, 4]]
+    plain = [greedy_reference(model, p, 8) for p in same_len]
+    seen.clear()
+    res = generate(model, same_len, max_new_tokens=8, temperature=0)
+    assert res.new_tokens == plain and seen == [True] * 8  # prefill + 7 steps, never a mask
+    k = next(k for k in range(1, 7) if plain[0][k] not in plain[0][:k] and all(plain[0][k] not in r[:8] for r in plain[1:]))
+    seen.clear()
+    res = generate(model, same_len, max_new_tokens=8, temperature=0, eos_id=plain[0][k], pad_id=0)
+    assert res.new_tokens == [plain[0][:k], *plain[1:]] and res.ended_with_eos == [True, False, False]
+    assert seen == [True] * (k + 1) + [False] * (7 - k)  # row 0 ends at step k: every later step masks it
+    seen.clear()
+    generate(model, PROMPTS, max_new_tokens=3, temperature=0)
+    assert seen == [False] * 3  # left padding: masked from the prefill on
+
+
 def test_on_tokens_streams_each_step():
     model = make("gpt2")
     seen = []
