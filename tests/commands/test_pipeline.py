@@ -91,3 +91,4 @@ def test_pipeline_script_runs_every_stage_and_prints_the_table(cache_dir, tmp_pa
     for stage in ("| pretrain |", "| sft |", "| ppo |", "| dpo |", "| reward model |"):
         assert stage in done.stdout
     assert "held-out pair accuracy" in done.stdout and "KL to reference" in done.stdout
+    assert "PPO's families (upper; 8 questions)" in done.stdout  # the second, family-only evaluation ran
