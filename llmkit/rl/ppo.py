@@ -185,7 +185,7 @@ class PPOTrainer:
                     m = mask[rows]
                     weight = m.sum() / n_tokens  # token-mean over the minibatch, whatever the micro-batching
                     tokens, attn = rollout.tokens[rows], rollout.attention_mask[rows]
-                    with runtime.autocast():
+                    with torch.set_grad_enabled(train_policy), runtime.autocast():  # no graph in value warm-up
                         logp, logits = policy_forward(self.policy, tokens, attn, P, cfg.rollout.temperature)
                     logp = logp.float()
                     policy_loss, pstats = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], m,
