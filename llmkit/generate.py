@@ -7,6 +7,7 @@ computes exactly what it would alone. The prompt is prefilled once, then one tok
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from llmkit.errors import UserError
+from llmkit.model.kv_cache import StaticKVCache
 from llmkit.model.transformer import Transformer
 
 OnTokens = Callable[[int, Tensor, Tensor], None]
@@ -128,6 +130,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     on_tokens: OnTokens | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
     """Continue each prompt by up to max_new_tokens tokens; stop a row at eos, all rows when all are done.
 
@@ -135,15 +138,19 @@ def generate(
     draw from `generator` (same generator seed -> same samples). eos_id may be one id or several.
     on_tokens(step, new_ids (B,), finished (B,) bool) is called after each step, for streaming; rows
     already finished before the step get pad_id. Runs in inference mode and eval mode (the model's
-    previous training flag is restored).
+    previous training flag is restored). compile=True runs the one-token steps through
+    `torch.compile(model.decode_step)` (compiled once per batch size and length, then reused).
     """
     _validate(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    if compile and (model._forward_pre_hooks or model._forward_hooks):
+        raise UserError("compiled generation does not run the model's forward hooks (prefix or prompt tuning): "
+                        "generate without compile (generate: compile=false)")
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             tokens, mask, ended = _generate(
-                model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, generator, on_tokens
+                model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, generator, on_tokens, compile
             )
     finally:
         model.train(was_training)
@@ -167,6 +174,7 @@ def _generate(
     pad_id: int,
     generator: torch.Generator | None,
     on_tokens: OnTokens | None,
+    compile: bool,
 ) -> tuple[Tensor, Tensor, list[bool]]:
     """The decoding loop; returns tokens and mask trimmed to the columns used, and the eos flags."""
     device = model.tok_emb.weight.device
@@ -188,12 +196,13 @@ def _generate(
     masked = any(len(p) < P for p in prompts)
     hidden = model(tokens[:, :P], positions=positions, attention_mask=mask[:, :P] if masked else None, cache=cache,
                    return_hidden=True)
+    logits = model.logits(hidden[:, -1])  # (B, V): only the last position is needed
+    step_fn = _compiled_step(model, cache) if compile else None
     next_pos = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     step = 0
     for step in range(max_new_tokens):
-        logits = model.logits(hidden[:, -1])  # (B, V): only the last position is needed
         new = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         new = new.masked_fill(finished, pad_id)
         col = P + step
@@ -212,8 +221,48 @@ def _generate(
             if n_finished == B:
                 break
             masked = masked or n_finished > 0
-        hidden = model(new[:, None], positions=next_pos, attention_mask=mask[:, : col + 1] if masked else None,
-                       cache=cache, return_hidden=True)
+        if step_fn is not None:
+            logits = step_fn(new[:, None], next_pos, mask)  # the whole mask: columns not written yet are 0
+        else:
+            hidden = model(new[:, None], positions=next_pos, attention_mask=mask[:, : col + 1] if masked else None,
+                           cache=cache, return_hidden=True)
+            logits = model.logits(hidden[:, -1])
         next_pos = next_pos + 1
     used = P + step + 1
     return tokens[:, :used], mask[:, :used], ended.tolist()
+
+
+_COMPILED: weakref.WeakKeyDictionary[Transformer, Callable] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: Transformer, cache) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """step(tokens (B, 1), positions (B, 1), mask (B, max_len)) -> logits (B, V) through a compiled decode_step.
+
+    The compiled function is kept per model, so later calls with the same batch size and cache length reuse
+    it. The first call compiles (seconds; inductor needs a C++ compiler on CPU): its failure is a UserError.
+    On CPU the generated code is called from C++ (inductor's cpp_wrapper), not from Python.
+    """
+    compiled = _COMPILED.get(model)
+    if compiled is None:
+        options = {"cpp_wrapper": True} if model.tok_emb.weight.device.type == "cpu" else None
+        compiled = _COMPILED[model] = torch.compile(model.decode_step, dynamic=False, fullgraph=True, options=options)
+    static = StaticKVCache(cache)
+    first = True
+
+    def step(tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        nonlocal first
+        if first:
+            first = False
+            try:
+                logits = compiled(tokens, positions, mask, static)
+            except Exception as error:  # noqa: BLE001 - a compiler missing or failing: say so, without a traceback
+                reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                raise UserError(f"torch.compile of the decode step failed ({reason}); generate without compile "
+                                "(generate: compile=false)") from error
+        else:  # the same tensors and shapes as the first call, which checked the guards: skip them (~0.1 ms)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                logits = compiled(tokens, positions, mask, static)
+        static.advance()
+        return logits
+
+    return step

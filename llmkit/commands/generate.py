@@ -79,7 +79,7 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     streamer = _Streamer(tokenizer, encoded[0], shown[0], sampling.stop) if cfg.stream and len(prompts) == 1 else None
     result = generate(model, encoded, max_new_tokens=max_new, temperature=sampling.temperature,
                       top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, pad_id=pad_id,
-                      generator=generator, on_tokens=streamer)
+                      generator=generator, on_tokens=streamer, compile=cfg.compile)
     if streamer is not None:
         streamer.finish()
         return 0

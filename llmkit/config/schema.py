@@ -223,6 +223,7 @@ class GenerateConfig:
     chat_template: str | None = None  # None: the template the run was fine-tuned with
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stream: bool = True  # print tokens as they come (single prompt)
+    compile: bool = False  # torch.compile the one-token decode step: ~15 s to compile on CPU, then 1.2-1.4x at batch 1
     device: str = "auto"
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
-from llmkit.model.kv_cache import KVCache
+from llmkit.model.kv_cache import KVCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
@@ -59,6 +59,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per row, q (B, H, 1, D), over k, v (B, Hkv, S, D) where mask (B, 1, 1, S) is True.
+
+    Plain matmul-softmax-matmul rather than SDPA: for a single query torch.compile fuses it into a few
+    loops, where SDPA's kernel costs more than the arithmetic (decode_step). Query heads are grouped by
+    their kv head as SDPA's enable_gqa does (query head h reads kv head h // (H / Hkv)).
+    """
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    q = q.reshape(B, Hkv, H // Hkv, D)
+    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # (B, Hkv, H/Hkv, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention through scaled_dot_product_attention."""
 
@@ -78,7 +93,7 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         mask: Tensor | None,
         is_causal: bool,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -87,12 +102,15 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T (static: max_len)
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, D)
+        if isinstance(cache, StaticKVCache):  # decode_step: one query per row, mask given
+            y = attend_one(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, H, T, D)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
         return F.dropout(y, dropout_p, training=True) if dropout_p else y
 
@@ -134,7 +152,7 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         mask: Tensor | None,
         is_causal: bool,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
     ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache)
         return x + self.mlp(self.mlp_norm(x))
@@ -236,13 +254,7 @@ class Transformer(nn.Module):
             raise UserError(f"{what} is longer than the model's context model.block_size={self.cfg.block_size}")
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device).unsqueeze(0)  # (1, T)
-        x = self.tok_emb(tokens)  # (B, T, d)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.drop(x)
-        rope = None
-        if self.cfg.pos == "rope":
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D)
+        x, rope = self._embed(tokens, positions)
         mask = self._attention_mask(B, T, past, doc_ids, attention_mask, tokens.device)
         is_causal = mask is None and past == 0 and T > 1  # SDPA fast path; one new token after a cache needs none
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
@@ -255,6 +267,29 @@ class Transformer(nn.Module):
             cache.advance(T)
         x = self.norm(x)
         return x if return_hidden else self.logits(x)
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: StaticKVCache) -> Tensor:
+        """Last-position logits (B, V) for one new token per row, tokens and positions (B, 1).
+
+        The token's keys go to slot `cache.column`; it attends over every slot where attention_mask
+        (B, max_len) is non-zero, the new slot included. All shapes stay the same from step to step, so
+        `torch.compile` traces this once (`generate(compile=True)`). The same blocks as forward.
+        """
+        x, rope = self._embed(tokens, positions)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len)
+        for block in self.blocks:
+            x = block(x, rope, mask, False, cache)
+        return self.logits(self.norm(x)[:, -1])
+
+    def _embed(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Token (+ learned position) embeddings (B, T, d) after dropout, and RoPE's cos/sin (B|1, 1, T, D) or None."""
+        x = self.tok_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        return self.drop(x), rope
 
     def logits(self, hidden: Tensor) -> Tensor:
         """lm_head over hidden states (..., d) -> (..., vocab_size): padded vocabulary columns sliced off."""

@@ -114,7 +114,7 @@ def test_kv_cache_matches_full_forward(style):
 def test_gqa_cache_stores_kv_heads_only():
     model = make("llama_gqa")
     cache = model.new_cache(3, 20)
-    assert cache.k.shape == (2, 3, 2, 20, 8)  # (n_layer, B, n_kv_head, max_len, head_dim)
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 20, 8)  # n_layer x (B, n_kv_head, max_len, head_dim)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,83 @@
+"""Compiled decoding: decode_step equals the full forward; generate(compile=True) equals eager generation."""
+
+import shutil
+
+import pytest
+import torch
+
+import llmkit.generate as generation
+from llmkit.errors import UserError
+from llmkit.generate import generate, positions_from_mask
+from llmkit.model.kv_cache import StaticKVCache
+from llmkit.peft.apply import apply_peft
+from llmkit.peft.config import PeftConfig
+from tests.unit.test_generate import PROMPTS, make
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="torch.compile (inductor) needs a C++ compiler on CPU")
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])  # llama: RoPE and grouped-query attention (4 heads, 2 kv)
+def test_decode_step_equals_full_forward_with_left_padding(style):
+    """Prefill, then decode_step token by token over a static cache: each step's logits are the full forward's."""
+    model = make(style)
+    P, N = max(map(len, PROMPTS)), 6
+    tokens = torch.randint(1, 53, (len(PROMPTS), P + N), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    for row, prompt in enumerate(PROMPTS):
+        tokens[row, : P - len(prompt)] = 0
+        mask[row, : P - len(prompt)] = 0
+    positions = positions_from_mask(mask)
+    with torch.no_grad():
+        full = model(tokens, positions=positions, attention_mask=mask)  # (B, P + N, V)
+        cache = model.new_cache(len(PROMPTS), P + N)
+        model(tokens[:, :P], positions=positions[:, :P], attention_mask=mask[:, :P], cache=cache)
+        static = StaticKVCache(cache)
+        step_mask = torch.zeros_like(mask)
+        step_mask[:, :P] = mask[:, :P]
+        for col in range(P, P + N):
+            step_mask[:, col] = 1
+            logits = model.decode_step(tokens[:, col : col + 1], positions[:, col : col + 1], step_mask, static)
+            static.advance()
+            torch.testing.assert_close(logits, full[:, col], rtol=1e-5, atol=1e-5)
+    for layer in range(model.cfg.n_layer):  # the steps wrote their keys where the chunked forward would have
+        reference = model.new_cache(len(PROMPTS), P + N)
+        with torch.no_grad():
+            model(tokens, positions=positions, attention_mask=mask, cache=reference)
+        torch.testing.assert_close(cache.k[layer], reference.k[layer], rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_compiled_generation_equals_eager(style):
+    """Left padding, eos ending rows at different steps, then seeded sampling: the same tokens either way."""
+    model = make(style)
+    eager = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    eos = eager.new_tokens[0][3]  # row 0 ends at its 4th token; others run on or end elsewhere
+    kw = dict(max_new_tokens=10, temperature=0, eos_id=eos, pad_id=0)
+    eager, compiled = generate(model, PROMPTS, **kw), generate(model, PROMPTS, compile=True, **kw)
+    assert compiled.new_tokens == eager.new_tokens and compiled.ended_with_eos == eager.ended_with_eos
+    assert eager.ended_with_eos[0] and not all(eager.ended_with_eos)
+    assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(compiled.attention_mask, eager.attention_mask)
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, eos_id=eos, pad_id=0)
+    eager = generate(model, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
+    compiled = generate(model, PROMPTS, generator=torch.Generator().manual_seed(5), compile=True, **kw)
+    assert compiled.new_tokens == eager.new_tokens  # the second call reuses the compiled step (same shapes)
+
+
+def test_compile_refuses_models_with_forward_hooks():
+    model = make("gpt2")
+    apply_peft(model, PeftConfig(method="prefix", num_virtual_tokens=2))
+    with pytest.raises(UserError, match="forward hooks .*compile=false"):
+        generate(model, PROMPTS, max_new_tokens=2, temperature=0, compile=True)
+
+
+def test_compile_failure_is_a_user_error(monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: failing)
+    model = make("gpt2")
+    with pytest.raises(UserError, match="No working C\\+\\+ compiler found.*compile=false"):
+        generate(model, PROMPTS, max_new_tokens=3, temperature=0, compile=True)
+    assert model not in generation._COMPILED or generation._COMPILED[model] is failing
