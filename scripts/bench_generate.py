@@ -30,12 +30,12 @@ def generation_sides(ours: Transformer, hf: Any, prompts: torch.Tensor, new: int
             return B * new / (time.perf_counter() - start)
         return run
 
-    def ours_on(model: Transformer) -> Callable[[], torch.Tensor]:
-        return lambda: generate(model, as_lists, max_new_tokens=new, temperature=0.0, eos_id=None).tokens
+    def ours_on(model: Transformer, compile: bool = False) -> Callable[[], torch.Tensor]:
+        return lambda: generate(model, as_lists, max_new_tokens=new, temperature=0.0, eos_id=None, compile=compile).tokens
 
     sides = {"llmkit": rate("llmkit", ours_on(ours)), "hf": rate("hf", lambda: hf.generate(
         input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False, use_cache=True,
-        max_new_tokens=new, min_new_tokens=new))}
+        max_new_tokens=new, min_new_tokens=new)), "llmkit compiled": rate("llmkit compiled", ours_on(ours, True))}
     return sides | ({"llmkit+fused_proj": rate("llmkit+fused_proj", ours_on(fused))} if fused is not None else {})
 
 
@@ -51,18 +51,24 @@ def bench_generate(st: Settings) -> list[Row]:
             prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
             outs: dict[str, torch.Tensor] = {}
             sides = generation_sides(ours, hf.eval(), prompts, new, outs, fused)
+            start = time.perf_counter()
             for fn in sides.values():
-                fn()  # warm-up
+                fn()  # warm-up (the compiled side compiles here)
+            warmup = time.perf_counter() - start
             samples = alternate(sides, st.reps)
             full = all(o.shape == (batch, new) for o in outs.values())
-            same = (outs["llmkit"] == outs["hf"]).float().mean().item() if full else 0.0
             med = {k: median(v) for k, v in samples.items()}
             case = f"{family} {base.name} b{batch} P{prompt_len}+{new} greedy"
-            rows.append(Row(
-                "generate", case, med["llmkit"], med["hf"], "tok/s", f"HF generate [{hf.config._attn_implementation}]",
-                f"{'all' if full else 'NOT all'} {new} tokens; {same:.0%} same ids",
-                "x HF >= 2" if batch == 1 else "", med["llmkit"] / med["hf"] >= 2 if batch == 1 else None,
-                {k: samples[k] for k in ("llmkit", "hf")}))
+            peer = f"HF generate [{hf.config._attn_implementation}]"
+            for side, label, note in (("llmkit", case, ""),
+                                      ("llmkit compiled", f"{case}, compile=true", f"{med['llmkit compiled'] / med['llmkit']:.2f}x "
+                                       f"eager llmkit; warm-up of all sides (compile incl.) {warmup:.0f} s; ")):
+                same = (outs[side] == outs["hf"]).float().mean().item() if full else 0.0
+                rows.append(Row(
+                    "generate", label, med[side], med["hf"], "tok/s", peer,
+                    f"{note}{'all' if full else 'NOT all'} {new} tokens; {same:.0%} same ids",
+                    "x HF >= 2" if batch == 1 else "", med[side] / med["hf"] >= 2 if batch == 1 else None,
+                    {k: samples[k] for k in (side, "hf")}))
             if "llmkit+fused_proj" in med:
                 same = (outs["llmkit"] == outs["llmkit+fused_proj"]).float().mean().item()
                 rows.append(Row("generate-x", f"{case}: llmkit+fused_proj", med["llmkit+fused_proj"], med["llmkit"],
