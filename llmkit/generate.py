@@ -7,7 +7,6 @@ computes exactly what it would alone. The prompt is prefilled once, then one tok
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -232,20 +231,23 @@ def _generate(
     return tokens[:, :used], mask[:, :used], ended.tolist()
 
 
-_COMPILED: weakref.WeakKeyDictionary[Transformer, Callable] = weakref.WeakKeyDictionary()
+_COMPILED_STEPS: dict[str, Callable] = {}  # per device type: torch.compile(Transformer.decode_step)
 
 
 def _compiled_step(model: Transformer, cache) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """step(tokens (B, 1), positions (B, 1), mask (B, max_len)) -> logits (B, V) through a compiled decode_step.
 
-    The compiled function is kept per model, so later calls with the same batch size and cache length reuse
-    it. The first call compiles (seconds; inductor needs a C++ compiler on CPU): its failure is a UserError.
+    One compiled function per device type, taking the model as an argument (it holds no model alive); dynamo
+    keeps what it compiled per model, batch size and cache length, so later calls with the same ones reuse it.
+    The first call compiles (seconds; inductor needs a C++ compiler on CPU): its failure is a UserError.
     On CPU the generated code is called from C++ (inductor's cpp_wrapper), not from Python.
     """
-    compiled = _COMPILED.get(model)
+    device_type = model.tok_emb.weight.device.type
+    compiled = _COMPILED_STEPS.get(device_type)
     if compiled is None:
-        options = {"cpp_wrapper": True} if model.tok_emb.weight.device.type == "cpu" else None
-        compiled = _COMPILED[model] = torch.compile(model.decode_step, dynamic=False, fullgraph=True, options=options)
+        options = {"cpp_wrapper": True} if device_type == "cpu" else None
+        compiled = torch.compile(Transformer.decode_step, dynamic=False, fullgraph=True, options=options)
+        _COMPILED_STEPS[device_type] = compiled
     static = StaticKVCache(cache)
     first = True
 
@@ -254,14 +256,14 @@ def _compiled_step(model: Transformer, cache) -> Callable[[Tensor, Tensor, Tenso
         if first:
             first = False
             try:
-                logits = compiled(tokens, positions, mask, static)
+                logits = compiled(model, tokens, positions, mask, static)
             except Exception as error:  # noqa: BLE001 - a compiler missing or failing: say so, without a traceback
                 reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
                 raise UserError(f"torch.compile of the decode step failed ({reason}); generate without compile "
                                 "(generate: compile=false)") from error
         else:  # the same tensors and shapes as the first call, which checked the guards: skip them (~0.1 ms)
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = compiled(tokens, positions, mask, static)
+                logits = compiled(model, tokens, positions, mask, static)
         static.advance()
         return logits
 

@@ -1,6 +1,8 @@
 """Compiled decoding: decode_step equals the full forward; generate(compile=True) equals eager generation."""
 
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -65,6 +67,23 @@ def test_compiled_generation_equals_eager(style):
     assert compiled.new_tokens == eager.new_tokens  # the second call reuses the compiled step (same shapes)
 
 
+@needs_compiler
+def test_compiled_step_serves_each_model_its_own_weights_and_holds_none_alive():
+    """Two models of one shape in turn (the later steps skip dynamo's guards): each gets its own tokens."""
+    first, second = make("gpt2"), make("gpt2")
+    with torch.no_grad():
+        second.lm_head.weight.mul_(-1)  # tied: embeddings too; a different greedy path
+    kw = dict(max_new_tokens=8, temperature=0)
+    expected = [generate(m, PROMPTS, **kw).new_tokens for m in (first, second)]
+    assert expected[0] != expected[1]
+    for _ in range(2):
+        assert [generate(m, PROMPTS, compile=True, **kw).new_tokens for m in (first, second)] == expected
+    gone = weakref.ref(second)
+    del second
+    gc.collect()
+    assert gone() is None
+
+
 def test_compile_refuses_models_with_forward_hooks():
     model = make("gpt2")
     apply_peft(model, PeftConfig(method="prefix", num_virtual_tokens=2))
@@ -77,7 +96,6 @@ def test_compile_failure_is_a_user_error(monkeypatch):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: failing)
-    model = make("gpt2")
+    monkeypatch.setattr(generation, "_COMPILED_STEPS", {})
     with pytest.raises(UserError, match="No working C\\+\\+ compiler found.*compile=false"):
-        generate(model, PROMPTS, max_new_tokens=3, temperature=0, compile=True)
-    assert model not in generation._COMPILED or generation._COMPILED[model] is failing
+        generate(make("gpt2"), PROMPTS, max_new_tokens=3, temperature=0, compile=True)
