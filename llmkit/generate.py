@@ -7,6 +7,7 @@ computes exactly what it would alone. The prompt is prefilled once, then one tok
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -179,7 +180,9 @@ def _generate(
     device = model.tok_emb.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + max_new_tokens
-    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)  # (B, P + N)
+    if compile:  # a cache length rounded up, so that nearby prompt lengths share one compiled step
+        total = min(-(-total // COMPILE_LENGTH_MULTIPLE) * COMPILE_LENGTH_MULTIPLE, model.cfg.block_size)
+    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)  # (B, P + N), columns past P + N unused
     mask = torch.zeros((B, total), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, P - len(prompt) : P] = torch.tensor(list(prompt), dtype=torch.long)
@@ -232,6 +235,7 @@ def _generate(
 
 
 _COMPILED_STEPS: dict[str, Callable] = {}  # per device type: torch.compile(Transformer.decode_step)
+COMPILE_LENGTH_MULTIPLE = 32  # compiled decoding: the cache length is rounded up to a multiple of this
 
 
 def _compiled_step(model: Transformer, cache) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -249,21 +253,27 @@ def _compiled_step(model: Transformer, cache) -> Callable[[Tensor, Tensor, Tenso
         compiled = torch.compile(Transformer.decode_step, dynamic=False, fullgraph=True, options=options)
         _COMPILED_STEPS[device_type] = compiled
     static = StaticKVCache(cache)
-    first = True
+    run, first = compiled, True
 
     def step(tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        nonlocal first
+        nonlocal run, first
         if first:
             first = False
             try:
-                logits = compiled(model, tokens, positions, mask, static)
+                logits = run(model, tokens, positions, mask, static)
             except Exception as error:  # noqa: BLE001 - a compiler missing or failing: say so, without a traceback
-                reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-                raise UserError(f"torch.compile of the decode step failed ({reason}); generate without compile "
-                                "(generate: compile=false)") from error
+                if type(error).__name__ != "FailOnRecompileLimitHit":
+                    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                    raise UserError(f"torch.compile of the decode step failed ({reason}); generate without compile "
+                                    "(generate: compile=false)") from error
+                warnings.warn("the compiled decode step reached torch._dynamo's recompile limit (too many batch sizes, "
+                              "lengths or models in this process): this call decodes without compiling",
+                              RuntimeWarning, stacklevel=2)
+                run = Transformer.decode_step  # the same function, run eagerly: the same tokens
+                logits = run(model, tokens, positions, mask, static)
         else:  # the same tensors and shapes as the first call, which checked the guards: skip them (~0.1 ms)
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = compiled(model, tokens, positions, mask, static)
+                logits = run(model, tokens, positions, mask, static)
         static.advance()
         return logits
 

@@ -2,6 +2,7 @@
 
 import gc
 import shutil
+import warnings
 import weakref
 
 import pytest
@@ -13,6 +14,7 @@ from llmkit.generate import generate, positions_from_mask
 from llmkit.model.kv_cache import StaticKVCache
 from llmkit.peft.apply import apply_peft
 from llmkit.peft.config import PeftConfig
+from tests.unit.peft_testing import make_base, perturb_adapter
 from tests.unit.test_generate import PROMPTS, make
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -82,6 +84,36 @@ def test_compiled_step_serves_each_model_its_own_weights_and_holds_none_alive():
     del second
     gc.collect()
     assert gone() is None
+
+
+@needs_compiler
+def test_nearby_lengths_share_a_compiled_step_and_the_recompile_limit_falls_back_to_eager(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = make("llama")
+    kw = dict(max_new_tokens=5, temperature=0)
+    shorter = [p[:4] for p in PROMPTS]  # 9 columns instead of 15: the same 32-slot cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        results = [generate(model, prompts, compile=True, **kw) for prompts in (PROMPTS, shorter)]
+    with pytest.warns(RuntimeWarning, match="recompile limit"):  # another batch size needs a second entry
+        results.append(generate(model, PROMPTS[:2], compile=True, **kw))
+    for prompts, result in zip((PROMPTS, shorter, PROMPTS[:2]), results):
+        assert result.new_tokens == generate(model, prompts, **kw).new_tokens
+        assert result.tokens.shape[1] == max(map(len, prompts)) + 5  # the unused cache columns are trimmed
+    torch._dynamo.reset()
+
+
+@needs_compiler
+@pytest.mark.parametrize("method", ["lora", "ia3"])  # a module swap; hooks on the MLPs' submodules
+def test_compiled_generation_with_peft_adapters(method):
+    model = make_base("llama")
+    apply_peft(model, PeftConfig(method=method))
+    perturb_adapter(model, std=1.0)
+    kw = dict(max_new_tokens=6, temperature=0)
+    eager = generate(model, PROMPTS, **kw).new_tokens
+    assert eager != generate(make_base("llama"), PROMPTS, **kw).new_tokens  # the adapter changes the tokens
+    assert generate(model, PROMPTS, compile=True, **kw).new_tokens == eager
 
 
 def test_compile_refuses_models_with_forward_hooks():
