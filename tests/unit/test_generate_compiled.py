@@ -87,17 +87,17 @@ def test_compiled_step_serves_each_model_its_own_weights_and_holds_none_alive():
 
 
 @needs_compiler
-def test_nearby_lengths_share_a_compiled_step_and_the_recompile_limit_falls_back_to_eager(monkeypatch):
+def test_nearby_lengths_share_a_compiled_step_and_the_recompile_limit_falls_back_to_eager():
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = make("llama")
     kw = dict(max_new_tokens=5, temperature=0)
     shorter = [p[:4] for p in PROMPTS]  # 9 columns instead of 15: the same 32-slot cache
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        results = [generate(model, prompts, compile=True, **kw) for prompts in (PROMPTS, shorter)]
-    with pytest.warns(RuntimeWarning, match="recompile limit"):  # another batch size needs a second entry
-        results.append(generate(model, PROMPTS[:2], compile=True, **kw))
+    with torch._dynamo.config.patch(recompile_limit=1):  # the config's own patch (pytest's monkeypatch deletes it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            results = [generate(model, prompts, compile=True, **kw) for prompts in (PROMPTS, shorter)]
+        with pytest.warns(RuntimeWarning, match="recompile limit"):  # another batch size needs a second entry
+            results.append(generate(model, PROMPTS[:2], compile=True, **kw))
     for prompts, result in zip((PROMPTS, shorter, PROMPTS[:2]), results):
         assert result.new_tokens == generate(model, prompts, **kw).new_tokens
         assert result.tokens.shape[1] == max(map(len, prompts)) + 5  # the unused cache columns are trimmed
