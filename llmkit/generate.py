@@ -19,6 +19,8 @@ from llmkit.model.kv_cache import StaticKVCache
 from llmkit.model.transformer import Transformer
 
 OnTokens = Callable[[int, Tensor, Tensor], None]
+COMPILE_LENGTH_MULTIPLE = 32  # compiled decoding: the cache length is rounded up to a multiple of this
+_COMPILED_STEPS: dict[str, Callable] = {}  # per device type: torch.compile(Transformer.decode_step)
 
 
 @dataclass
@@ -139,7 +141,7 @@ def generate(
     on_tokens(step, new_ids (B,), finished (B,) bool) is called after each step, for streaming; rows
     already finished before the step get pad_id. Runs in inference mode and eval mode (the model's
     previous training flag is restored). compile=True runs the one-token steps through
-    `torch.compile(model.decode_step)` (compiled once per batch size and length, then reused).
+    `torch.compile(Transformer.decode_step)` (compiled once per batch size and cache length, then reused).
     """
     _validate(model, prompts, max_new_tokens, temperature, top_k, top_p)
     if compile and (model._forward_pre_hooks or model._forward_hooks):
@@ -232,10 +234,6 @@ def _generate(
         next_pos = next_pos + 1
     used = P + step + 1
     return tokens[:, :used], mask[:, :used], ended.tolist()
-
-
-_COMPILED_STEPS: dict[str, Callable] = {}  # per device type: torch.compile(Transformer.decode_step)
-COMPILE_LENGTH_MULTIPLE = 32  # compiled decoding: the cache length is rounded up to a multiple of this
 
 
 def _compiled_step(model: Transformer, cache) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
