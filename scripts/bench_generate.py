@@ -60,9 +60,9 @@ def bench_generate(st: Settings) -> list[Row]:
             med = {k: median(v) for k, v in samples.items()}
             case = f"{family} {base.name} b{batch} P{prompt_len}+{new} greedy"
             peer = f"HF generate [{hf.config._attn_implementation}]"
-            for side, label, note in (("llmkit", case, ""),
-                                      ("llmkit compiled", f"{case}, compile=true", f"{med['llmkit compiled'] / med['llmkit']:.2f}x "
-                                       f"eager llmkit; warm-up of all sides (compile incl.) {warmup:.0f} s; ")):
+            compiled_note = (f"{med['llmkit compiled'] / med['llmkit']:.2f}x eager llmkit; "
+                             f"warm-up of all sides (compile incl.) {warmup:.0f} s; ")
+            for side, label, note in (("llmkit", case, ""), ("llmkit compiled", f"{case}, compile=true", compiled_note)):
                 same = (outs[side] == outs["hf"]).float().mean().item() if full else 0.0
                 rows.append(Row(
                     "generate", label, med[side], med["hf"], "tok/s", peer,
