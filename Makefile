@@ -7,8 +7,8 @@ PIPELINE_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: install install-torch test lint bench demo pipeline clean
 
-install: install-torch  ## torch (CPU build when there is no GPU), then llmkit with its dev extras
-	$(PY) -m pip install -e ".[dev,tensorboard]"
+install: install-torch  ## torch (CPU build when there is no GPU), then llmkit with its dev extras (and deepspeed)
+	$(PY) -m pip install -e ".[dev,tensorboard,deepspeed]"
 
 install-torch:
 	@if $(PY) -c "import torch" 2>/dev/null; then \

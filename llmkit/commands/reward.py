@@ -65,7 +65,7 @@ def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict
 def held_out_by_family(trainer: PairTrainer) -> dict:
     """Held-out accuracy per family of the validation pairs that carry one (the tiny world's do): {} otherwise."""
     val = trainer.spec.val_set
-    if val is None or trainer.runtime.fsdp is not None:  # sharded weights: a forward pass needs every process
+    if val is None or trainer.runtime.sharded:  # sharded weights: a forward pass needs every process
         return {}
     groups: dict[str, list] = {}
     for example in val.items:

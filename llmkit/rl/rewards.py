@@ -31,6 +31,7 @@ from llmkit.rl.losses import (
     sequence_logprob,
 )
 from llmkit.train.loop import Trainer
+from llmkit.train.objectives import unwrap
 
 Batch = dict[str, Tensor]
 SUMS = ("pairs", "correct", "chosen", "chosen_sq", "rejected", "rejected_sq")
@@ -55,7 +56,7 @@ class PairObjective(ABC):
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         loss_sum, stats, chosen, rejected = self.compute(model, batch)
         n = chosen.numel()
-        if self.collected is not None and not model.training:
+        if self.collected is not None and not unwrap(model).training:  # (a DeepSpeed engine keeps training=True)
             chosen, rejected = chosen.detach().float(), rejected.detach().float()
             for key, value in zip(SUMS, (torch.tensor(float(n)), (chosen > rejected).sum(), chosen.sum(),
                                          chosen.square().sum(), rejected.sum(), rejected.square().sum()), strict=True):
@@ -94,6 +95,14 @@ class PairTrainer(Trainer):
             objective.collected = None
         self.val_stats = held_out_stats(sums)
         return val_loss
+
+    def padding_forward(self, batch: Batch) -> None:
+        """Its pairs are another process's: not collected."""
+        collected, self.spec.objective.collected = self.spec.objective.collected, None
+        try:
+            super().padding_forward(batch)
+        finally:
+            self.spec.objective.collected = collected
 
 
 @torch.no_grad()

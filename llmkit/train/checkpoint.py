@@ -77,11 +77,42 @@ def begin_checkpoint(root: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
-    """Every process: its own RNG state (and anything else per-process)."""
+def write_rank_state(tmp: Path, rank: int, state: dict[str, Any], name: str = "rng") -> None:
+    """Every process: its own state, `<name>_<rank>.pt` (RNG; DeepSpeed: the optimizer shard)."""
     import torch
 
-    torch.save(state, tmp / f"rng_{rank}.pt")
+    torch.save(state, tmp / f"{name}_{rank}.pt")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch (CUDA) RNG states, as plain data for write_rank_state."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state returned."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def finish_checkpoint(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import shlex
 import sys
 import time
@@ -134,30 +133,11 @@ def accumulate(model: torch.nn.Module, objective: Objective, micro_batches: list
     for index, batch in enumerate(micro_batches):
         with runtime.no_sync(model, skip_sync=index < len(micro_batches) - 1), runtime.autocast():
             loss_sum, metrics = objective(model, batch)
-        (loss_sum * scale).backward()
+        runtime.backward(loss_sum * scale)
         loss_total += loss_sum.detach().float()
         for key, value in metrics.items():
             metric_totals[key] = metric_totals.get(key, 0) + value.detach().float()
     return loss_total, metric_totals
-
-
-def _rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -183,9 +163,17 @@ class Trainer:
             runtime.prepare(self.model)  # (CausalLM then takes its logits from the forward: lm_head is sharded)
         self.optimizer = build_optimizer(self.model, optim, runtime.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.max_steps, sched)
+        if runtime.zero is not None:  # the engine shards the optimizer (ZeRO-3: the parameters too) in place
+            if cfg.compile == "true":
+                raise UserError("train.compile=true is not supported under DeepSpeed; set train.compile=auto")
+            runtime.prepare_zero(self.model, self.optimizer, cfg.micro_batch_size, per_rank // cfg.micro_batch_size,
+                                 optim.grad_clip)
         resumed = source is not None and self._load_train_state(source)
-        wrapped = torch.compile(self.model) if use_compile(cfg.compile, runtime.device) else self.model
-        self.wrapped = wrapped if runtime.fsdp is not None else runtime.prepare(wrapped)
+        if runtime.zero is not None:
+            self.wrapped = runtime.engine
+        else:
+            wrapped = torch.compile(self.model) if use_compile(cfg.compile, runtime.device) else self.model
+            self.wrapped = wrapped if runtime.fsdp is not None else runtime.prepare(wrapped)
         self.metrics = MetricsLogger(spec.run_dir, runtime.is_main, logger.tensorboard,
                                      resume_step=self.state.step if resumed else None)
         self.progress = TrainProgress(cfg.max_steps, self.state.step, runtime.is_main, logger.progress, spec.command)
@@ -193,7 +181,8 @@ class Trainer:
         # Host-device syncs only at read points: steps wait in `pending`; the non-finite guard skips bad
         # updates on the device (fused AdamW's found_inf) and the host replays its decisions when it reads.
         self.pending: list[StepValues] = []
-        self.device_skip = _supports_found_inf(self.optimizer) and runtime.fsdp is None  # FSDP: DTensor states
+        # FSDP: DTensor states; DeepSpeed: the engine steps (and skips a non-finite update) itself
+        self.device_skip = _supports_found_inf(self.optimizer) and runtime.fsdp is None and runtime.zero is None
         self.halted = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.skip_count = torch.zeros((), dtype=torch.long, device=runtime.device)
         self.shown: dict[str, float] = {}
@@ -220,12 +209,19 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as error:
             raise UserError(f"{source}/state.pt does not match this run's optimizer ({error})") from None
+        if self.runtime.zero is not None:
+            zero_file = source / f"zero_{self.runtime.rank}.pt"
+            if not zero_file.is_file():
+                raise UserError(f"{source} has no DeepSpeed optimizer shard {zero_file.name}: it was not saved by a "
+                                f"DeepSpeed run of {self.runtime.world_size} processes; resume it as it was launched, "
+                                "or start a new run from its weights (init_from=<checkpoint>)")
+            self.runtime.load_zero_optimizer_state(ckpt.load_train_state(zero_file), str(zero_file))
         self.state = LoopState(**state["loop"])
         rng_file = source / f"rng_{self.runtime.rank}.pt"
         if not rng_file.is_file():
             raise UserError(f"{source} was saved by fewer processes than this run has ({self.runtime.world_size}); "
                             "resume with the same number of processes")
-        _set_rng_state(ckpt.load_train_state(rng_file))
+        ckpt.set_rng_state(ckpt.load_train_state(rng_file))
         self.progress_note = f"resumed from {source} at step {self.state.step}"
         if self.runtime.is_main:
             print(self.progress_note)
@@ -237,8 +233,10 @@ class Trainer:
         tmp = ckpt.begin_checkpoint(self.ckpt_root, self.state.step) if runtime.is_main else None
         runtime.barrier()
         tmp = tmp or self.ckpt_root / f".tmp-{ckpt.step_dir_name(self.state.step)}"
-        ckpt.write_rank_state(tmp, runtime.rank, _rng_state())
-        full = runtime.full_state_dict(self.model) if runtime.fsdp is not None else None  # collectives under FSDP:
+        ckpt.write_rank_state(tmp, runtime.rank, ckpt.rng_state())
+        if runtime.zero is not None:
+            ckpt.write_rank_state(tmp, runtime.rank, runtime.zero_optimizer_state(), name="zero")
+        full = runtime.full_state_dict(self.model) if runtime.sharded else None  # collectives (FSDP, ZeRO-3):
         optimizer_state = runtime.optimizer_state(self.model, self.optimizer)  # every process gathers, main keeps
         runtime.barrier()
         final = self.ckpt_root / ckpt.step_dir_name(self.state.step)
@@ -283,14 +281,17 @@ class Trainer:
                 loss_sum, _ = self.spec.objective(self.wrapped, batch)
             loss += loss_sum.float()
             targets += self.spec.objective.count(batch)
-        if self.runtime.fsdp is not None:  # each FSDP forward gathers shards: every process runs as many
+        if self.runtime.sharded:  # each forward gathers shards: every process runs as many
             for _ in range(-(-len(every) // self.runtime.world_size) - len(chunks)):
-                with self.runtime.autocast():
-                    self.spec.objective(self.wrapped, _to_device(val.collate([val.example(0, i) for i in every[0]]),
-                                                                 self.runtime.device))
+                self.padding_forward(_to_device(val.collate([val.example(0, i) for i in every[0]]), self.runtime.device))
         self.wrapped.train()
         total = self.runtime.sum(targets).item()
         return self.runtime.sum(loss).item() / total if total else None
+
+    def padding_forward(self, batch: Batch) -> None:
+        """A forward whose result is dropped: sharded evaluation runs as many forwards on every process."""
+        with self.runtime.autocast():
+            self.spec.objective(self.wrapped, batch)
 
     # ----- the loop -----------------------------------------------------------------------------
     def run(self) -> LoopResult:
@@ -385,14 +386,11 @@ class Trainer:
         total: int | torch.Tensor = local_targets
         if runtime.world_size > 1:
             total = runtime.sum(torch.tensor(float(local_targets), device=runtime.device))
-        loss_sum, metric_sums = accumulate(self.wrapped, spec.objective, micro_batches, runtime, total)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        if params:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-        else:
-            grad_norm = torch.zeros((), device=runtime.device)
+        if runtime.engine is not None and not float(total):  # no targets anywhere: DeepSpeed would still update
+            loss_sum, metric_sums, grad_norm = torch.zeros((), device=runtime.device), {}, torch.zeros((), device=runtime.device)
+        else:  # (a DeepSpeed engine clips and steps after the last micro-batch)
+            loss_sum, metric_sums = accumulate(self.wrapped, spec.objective, micro_batches, runtime, total)
+            grad_norm = runtime.engine_grad_norm() if runtime.engine is not None else self._clip_gradients()
         values = StepValues(self.state.step + 1, runtime.sum(loss_sum), total, grad_norm,
                             {k: runtime.sum(v) for k, v in metric_sums.items()})
         bad = ~(torch.isfinite(values.loss_sum) & torch.isfinite(grad_norm.float())) | (total == 0)
@@ -402,12 +400,21 @@ class Trainer:
             self.optimizer.step()
         else:  # this optimizer cannot skip on the device: read the flag now (one sync per step)
             self._read()
-            if not bool(bad):
+            if not bool(bad) and runtime.engine is None:  # DeepSpeed skipped a non-finite update itself
                 self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if runtime.engine is None:  # (a DeepSpeed engine clears its own gradient buffers)
+            self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(v.numel() for b in micro_batches for k, v in b.items() if k.endswith("input_ids"))
         return tokens * runtime.world_size
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to optim.grad_clip (0: no clipping); the total norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.runtime.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
 
     def _device_guard(self, bad: torch.Tensor) -> torch.Tensor:
         """Whether to skip this update, decided on the device as `_nonfinite` will decide on the host.

@@ -87,7 +87,7 @@ class CausalLM:
     fused=True (train.fused_loss) computes the loss from the final hidden states chunk by chunk
     (`linear_cross_entropy`), never materialising the (B, T, V) logits; a wrapped lm_head (LoRA on
     lm_head) falls back to the plain path: lm_head, padded vocabulary columns set to -inf, F.cross_entropy.
-    Under FSDP2 the logits come from the model's forward (its sharded lm_head is whole only there).
+    Under FSDP2 and ZeRO-3 the logits come from the model's forward (a sharded lm_head is whole only there).
     """
 
     def __init__(self, fused: bool = False, chunk: int = 256) -> None:
@@ -102,7 +102,8 @@ class CausalLM:
         labels = batch["labels"].flatten()
         inner = unwrap(model)
         head, vocab = inner.lm_head, inner.cfg.vocab_size
-        if hasattr(head.weight, "device_mesh"):  # FSDP2 (DTensor): lm_head is whole only inside the forward
+        if hasattr(head.weight, "device_mesh") or hasattr(head.weight, "ds_id"):  # FSDP2 (DTensor), ZeRO-3:
+            # lm_head is whole only inside the forward
             logits = model(batch["input_ids"], **inputs).float()  # (B, T, V)
         else:
             hidden = model(batch["input_ids"], **inputs, return_hidden=True)  # (B, T, d)

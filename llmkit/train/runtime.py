@@ -3,13 +3,13 @@
 A thin layer over accelerate, so the same loop runs on one CPU, one GPU or many processes
 (`accelerate launch -m llmkit ...` or `torchrun -m llmkit ...`). Data parallel (DDP) goes through
 accelerate; FSDP, asked for by an accelerate config (`conf/accelerate/fsdp.yaml` sets ACCELERATE_USE_FSDP and
-FSDP_* in the environment), is applied here with torch's FSDP2 `fully_shard`, on GPUs and on CPU (gloo) alike.
+FSDP_* in the environment), is applied here with torch's FSDP2 `fully_shard`, on GPUs and on CPU (gloo) alike;
+DeepSpeed ZeRO (`conf/accelerate/deepspeed_zero{2,3}.yaml`) runs through `llmkit.train.zero`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from llmkit.errors import UserError
+from llmkit.train import zero as deepspeed_zero
 from llmkit.train.checkpoint import unique_names
+from llmkit.train.zero import ZeroSettings
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16
     fsdp: FSDPSettings | None = None  # set when an accelerate FSDP config launched the run
+    zero: ZeroSettings | None = None  # set when an accelerate DeepSpeed config launched the run
+    engine: Any = None  # the DeepSpeed engine, once `prepare_zero` has built it
     tied: set[str] = field(default_factory=set)  # names of tied (shared) weights, dropped from gathered states
 
     @property
@@ -50,6 +54,11 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are split over processes (FSDP, ZeRO-3): a forward pass needs every process."""
+        return self.fsdp is not None or (self.zero is not None and self.zero.stage == 3)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
@@ -68,8 +77,11 @@ class Runtime:
 
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
-        """Skip the gradient all-reduce (FSDP: reduce-scatter) on accumulation micro-steps before the last."""
-        if self.fsdp is not None:
+        """Skip the gradient all-reduce (FSDP: reduce-scatter) on accumulation micro-steps before the last
+        (a DeepSpeed engine counts the micro-steps itself)."""
+        if self.zero is not None:
+            yield
+        elif self.fsdp is not None:
             model.set_requires_gradient_sync(not skip_sync)
             yield
         elif skip_sync and self.world_size > 1:
@@ -107,9 +119,30 @@ class Runtime:
                   f"{self.world_size} processes")
         return model
 
+    def prepare_zero(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int,
+                     micro_batches: int, grad_clip: float) -> None:
+        """Build the DeepSpeed engine (`self.engine`) over `model` and `optimizer`; it shards both in place."""
+        assert self.zero is not None
+        self.engine = deepspeed_zero.build_engine(model, optimizer, self.zero, micro_batch_size, micro_batches, grad_clip)
+        if self.is_main:
+            print(f"DeepSpeed ZeRO-{self.zero.stage} over {self.world_size} processes")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (scaled) loss; a DeepSpeed engine also steps after the last one."""
+        if self.engine is not None:
+            deepspeed_zero.backward(self.engine, loss)
+        else:
+            loss.backward()
+
+    def engine_grad_norm(self) -> torch.Tensor:
+        """The DeepSpeed engine's gradient norm (before clipping) of the step it just took."""
+        return deepspeed_zero.grad_norm(self.engine, self.device)
+
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Every process calls this (a collective under FSDP); the main process gets the full, unsharded
-        weights on CPU (tied weights once), the others an empty dict. Without FSDP: model.state_dict()."""
+        """Every process calls this (a collective under FSDP and ZeRO-3); the main process gets the full,
+        unsharded weights on CPU (tied weights once), the others an empty dict. Otherwise: model.state_dict()."""
+        if self.zero is not None:
+            return deepspeed_zero.full_state_dict(self.engine, self.zero, self.is_main)
         if self.fsdp is None:
             return model.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -125,15 +158,34 @@ class Runtime:
 
     def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Every process calls this; the optimizer state to save (under FSDP: full, keyed by parameter name,
-        on the main process; loadable by any number of processes)."""
+        on the main process; loadable by any number of processes). Under DeepSpeed every process saves its own
+        shard (`zero_optimizer_state`); this is only a marker."""
+        if self.zero is not None:
+            return {"deepspeed_zero": self.zero.stage, "processes": self.world_size}
         if self.fsdp is None:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def zero_optimizer_state(self) -> dict[str, Any]:
+        """Every process under DeepSpeed: its own shard of the optimizer state (saved as zero_<rank>.pt)."""
+        assert self.zero is not None
+        return deepspeed_zero.optimizer_state(self.engine, self.zero, self.world_size)
+
+    def load_zero_optimizer_state(self, saved: dict[str, Any], path: str) -> None:
+        assert self.zero is not None
+        deepspeed_zero.load_optimizer_state(self.engine, self.zero, self.world_size, saved, path)
+
     def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Every process: restore what `optimizer_state` saved."""
+        """Every process: restore what `optimizer_state` saved (DeepSpeed: `load_zero_optimizer_state`)."""
+        if self.zero is not None:
+            return
+        if "deepspeed_zero" in state:
+            raise UserError(f"the checkpoint was saved by a DeepSpeed ZeRO-{state['deepspeed_zero']} run of "
+                            f"{state['processes']} processes, which keeps each process's optimizer shard apart: "
+                            "resume it with the same accelerate config and number of processes, or start a new run "
+                            "from its weights (init_from=<checkpoint>)")
         if self.fsdp is None:
             optimizer.load_state_dict(state)
             return
@@ -177,35 +229,25 @@ def fsdp_settings() -> FSDPSettings | None:
                         offload_params=_env_flag("FSDP_OFFLOAD_PARAMS"))
 
 
-def check_deepspeed() -> None:
-    """Refuse a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) with one message: llmkit's loop runs DDP and
-    FSDP2; DeepSpeed needs `pip install deepspeed` first and is not driven by the loop yet."""
-    if not _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        return
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
-    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or f"conf/accelerate/deepspeed_zero{stage}.yaml"
-    if importlib.util.find_spec("deepspeed") is None:
-        raise UserError(f"the accelerate config selects DeepSpeed ZeRO-{stage} ({config}) but deepspeed is not "
-                        "installed: pip install deepspeed (needs CUDA GPUs); or launch with "
-                        "conf/accelerate/fsdp.yaml, the FSDP2 equivalent llmkit runs")
-    raise UserError(f"the accelerate config selects DeepSpeed ZeRO-{stage} ({config}); llmkit's training loop does "
-                    "not drive a DeepSpeed engine yet: launch with conf/accelerate/fsdp.yaml (FSDP2 full sharding, "
-                    "ZeRO-3 like) instead; see docs/scale.md")
-
-
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Create the accelerator: CPU unless CUDA is present (or asked for), bf16 autocast on GPU by default."""
     from accelerate import Accelerator
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or device=cpu")
-    check_deepspeed()
+    zero_cfg = deepspeed_zero.zero_settings()
     fsdp = fsdp_settings()
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     if precision == "auto":
         precision = "fp32" if use_cpu else "bf16"
-    accelerator = Accelerator(cpu=use_cpu)
+    # Under DeepSpeed accelerate is only the process group (as for DDP): llmkit builds the engine itself.
+    hidden = os.environ.pop("ACCELERATE_USE_DEEPSPEED", None) if zero_cfg is not None else None
+    try:
+        accelerator = Accelerator(cpu=use_cpu)
+    finally:
+        if hidden is not None:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = hidden
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(accelerator=accelerator, device=accelerator.device, precision=precision, fsdp=fsdp)
+    return Runtime(accelerator=accelerator, device=accelerator.device, precision=precision, fsdp=fsdp, zero=zero_cfg)

@@ -1,5 +1,6 @@
 """Two processes on CPU (gloo): `launcher.num_processes=2` (DDP) and `accelerate launch` with the shipped FSDP
-config give the result of one process, and resume exactly; a DeepSpeed launch without deepspeed is refused clearly."""
+config give the result of one process, and resume exactly; a DeepSpeed launch llmkit cannot run is refused clearly
+(DeepSpeed runs themselves: test_deepspeed.py)."""
 
 import importlib.util
 import json
@@ -106,9 +107,10 @@ def test_fsdp_with_a_padded_vocabulary_matches_one_process(cli, cache_dir, tmp_p
         torch.testing.assert_close(tensor, a[name], rtol=0, atol=1e-5)
 
 
-def test_a_deepspeed_launch_without_deepspeed_gives_one_clear_message(cli, cache_dir, tmp_path):
-    """What `accelerate launch --config_file conf/accelerate/deepspeed_zero2.yaml` puts in the environment."""
-    env = {**cli_env(cache_dir), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+def test_a_deepspeed_launch_llmkit_cannot_run_gives_one_clear_message(cli, cache_dir, tmp_path):
+    """What `accelerate launch` puts in the environment for a DeepSpeed config that sets gradient_clipping."""
+    env = {**cli_env(cache_dir), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+           "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
     done = subprocess.run([sys.executable, "-m", "llmkit", "pretrain", "tiny/pretrain", f"out_dir={tmp_path / 'ds'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
@@ -116,4 +118,5 @@ def test_a_deepspeed_launch_without_deepspeed_gives_one_clear_message(cli, cache
     if importlib.util.find_spec("deepspeed") is None:
         assert "pip install deepspeed" in done.stderr
     else:
-        assert "conf/accelerate/fsdp.yaml" in done.stderr
+        assert "gradient_clipping: 1.0" in done.stderr and "optim.grad_clip" in done.stderr
+    assert not (tmp_path / "ds").exists()

@@ -7,7 +7,9 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 from llmkit.errors import UserError
-from llmkit.train.runtime import FSDPSettings, check_deepspeed, fsdp_settings
+from llmkit.train import zero
+from llmkit.train.runtime import FSDPSettings, fsdp_settings
+from llmkit.train.zero import ZeroSettings, zero_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "accelerate"
 EXPECTED = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED",
@@ -24,8 +26,10 @@ def test_every_accelerate_config_parses_with_accelerates_loader():
             assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
             assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
             assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Block"
-        if kind == "DEEPSPEED":
-            assert config.deepspeed_config["zero_stage"] == int(name[-1])
+        if kind == "DEEPSPEED":  # only the fields llmkit reads: it sets accumulation and clipping itself
+            assert config.deepspeed_config == {"zero_stage": int(name[-1]), "offload_optimizer_device": "none",
+                                               "offload_param_device": "none"}
+            assert config.mixed_precision == "no"  # bf16 is llmkit's autocast (train.precision)
     multi = load_config_from_file(str(CONFIGS / "multi_node.yaml"))
     assert multi.num_machines == 2 and multi.main_process_ip and multi.main_process_port
     assert multi.num_processes == 16 and multi.machine_rank == 0
@@ -33,7 +37,9 @@ def test_every_accelerate_config_parses_with_accelerates_loader():
 
 FSDP_ENV = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_AUTO_WRAP_POLICY", "FSDP_TRANSFORMER_CLS_TO_WRAP",
             "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS", "ACCELERATE_USE_DEEPSPEED",
-            "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_GRADIENT_CLIPPING",
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
 
 
 @pytest.fixture
@@ -54,22 +60,48 @@ def test_fsdp_settings_come_from_the_accelerate_environment(env):
     assert fsdp_settings() == FSDPSettings(("Block", "MLP"), reshard_after_forward=False, offload_params=True)
 
 
-@pytest.mark.parametrize("key, value, match", [("FSDP_VERSION", "1", "FSDP2"),
-                                               ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP")])
-def test_unsupported_fsdp_settings_are_refused(env, key, value, match):
-    env.setenv("ACCELERATE_USE_FSDP", "true")
-    env.setenv("FSDP_VERSION", "2")
-    env.setenv(key, value)
+def test_zero_settings_come_from_the_accelerate_environment(env):
+    assert zero_settings() is None
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    env.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    assert zero_settings() == ZeroSettings(2)
+    env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    env.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    env.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    assert zero_settings() == ZeroSettings(3, offload_optimizer="cpu", offload_param="cpu")
+
+
+REFUSED = [
+    (fsdp_settings, "FSDP_VERSION", "1", "FSDP2"),
+    (fsdp_settings, "FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP"),
+    (zero_settings, "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json", "deepspeed_config_file ds.json.*remove"),
+    (zero_settings, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "gradient_accumulation_steps: 4.*train.batch_size"),
+    (zero_settings, "ACCELERATE_GRADIENT_CLIPPING", "1.0", "gradient_clipping: 1.0.*optim.grad_clip"),
+    (zero_settings, "ACCELERATE_DEEPSPEED_ZERO_STAGE", "4", "zero_stage must be 1, 2 or 3"),
+    (zero_settings, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "nvme", "offload_optimizer_device nvme.*none or cpu"),
+    (zero_settings, "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offload_param_device needs zero_stage 3"),
+]
+
+
+@pytest.mark.parametrize("reader, key, value, match", REFUSED)
+def test_settings_llmkit_does_not_run_are_refused_naming_the_field(env, reader, key, value, match):
+    if reader is zero_settings and zero.importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed: every DeepSpeed launch is refused before these checks")
+    base = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"} if reader is fsdp_settings else {
+        "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    for name, setting in {**base, key: value}.items():
+        env.setenv(name, setting)
     with pytest.raises(UserError, match=match):
-        fsdp_settings()
+        reader()
 
 
-def test_deepspeed_is_refused_naming_the_config(env):
-    check_deepspeed()  # not asked for: nothing to say
+def test_a_deepspeed_launch_without_deepspeed_says_how(env):
     env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(UserError, match="ZeRO-3.*deepspeed_zero3.yaml"):
-        check_deepspeed()
+    env.setattr(zero.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="ZeRO-3.*deepspeed_zero3.yaml.*pip install deepspeed"):
+        zero_settings()
 
 
 @pytest.mark.parametrize("recipe, expect", [

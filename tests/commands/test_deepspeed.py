@@ -1,0 +1,117 @@
+"""DeepSpeed ZeRO through `accelerate launch` with the shipped configs, on two CPU processes (gloo): the result of one
+process, exact resume, consolidated weights, the non-finite guard, and clear refusals of mismatched checkpoints."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.commands.test_distributed import FSDP_ARGS as ARGS
+from tests.commands.test_distributed import ROOT
+from tests.commands.test_resume import curve, final_weights
+from tests.conftest import cli_env
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="deepspeed is not installed (`make install` installs it)")
+
+
+def zero_launch(cache_dir: Path, cwd: Path, stage: int, *args: str, offload: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file conf/accelerate/deepspeed_zero<stage>.yaml --num_processes 2 -m llmkit ...`."""
+    config = ROOT / "conf" / "accelerate" / f"deepspeed_zero{stage}.yaml"
+    extra = ["--offload_optimizer_device", "cpu"] if offload else []
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+              *extra, "-m", "llmkit", *args]
+    return subprocess.run(launch, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+
+
+def losses(run: Path) -> torch.Tensor:
+    return torch.tensor([json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()])
+
+
+@pytest.fixture(scope="module")
+def one_process(cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero") / "one"
+    done = subprocess.run([sys.executable, "-m", "llmkit", *ARGS, f"out_dir={out}"], cwd=out.parent,
+                          env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("stage, offload", [(2, False), (2, True), (3, False)], ids=["zero2", "zero2-offload", "zero3"])
+def test_zero_on_two_cpu_processes_matches_one_process_and_resumes_exactly(stage, offload, one_process, cache_dir,
+                                                                           tmp_path):
+    run, resumed = tmp_path / "zero", tmp_path / "resumed"
+    done = zero_launch(cache_dir, tmp_path, stage, *ARGS, f"out_dir={run}", offload=offload)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"DeepSpeed ZeRO-{stage} over 2 processes" in done.stdout and "Traceback" not in done.stderr
+    checkpoint = run / "checkpoints" / "step_000008"
+    assert sorted(p.name for p in checkpoint.glob("zero_*.pt")) == ["zero_0.pt", "zero_1.pt"]  # optimizer shards
+    a, b = final_weights(one_process), final_weights(run)
+    assert sorted(a) == sorted(b)  # one file of full weights (ZeRO-3: gathered), tied weights once
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(losses(run), losses(one_process), rtol=0, atol=1e-5)
+    if offload:
+        return
+    # Stop at step 4 and resume (each process reloads its optimizer shard): bit for bit the straight run.
+    assert zero_launch(cache_dir, tmp_path, stage, *ARGS, f"out_dir={resumed}", "train.max_steps=4").returncode == 0
+    done = zero_launch(cache_dir, tmp_path, stage, *ARGS, f"out_dir={resumed}", "train.resume=auto")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout
+    ours, theirs = final_weights(resumed), final_weights(run)
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # loss, grad norm and lr of every step (the short run also evaluated at its last step, 4)
+    assert [row[:4] for row in curve(resumed)] == [row[:4] for row in curve(run)]
+
+
+def test_a_zero_checkpoint_and_a_plain_one_refuse_to_resume_across(one_process, cache_dir, cli, tmp_path):
+    """Shards kept per process cannot resume in one process, nor a plain checkpoint under ZeRO; nothing is lost."""
+    run = tmp_path / "zero"
+    assert zero_launch(cache_dir, tmp_path, 2, *ARGS, f"out_dir={run}", "train.max_steps=4").returncode == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    done = cli(*ARGS, f"out_dir={run}", "train.resume=auto")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "saved by a DeepSpeed ZeRO-2 run of 2 processes" in done.stderr and "init_from" in done.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    plain = tmp_path / "plain"
+    assert cli(*ARGS, f"out_dir={plain}", "train.max_steps=4").returncode == 0
+    done = zero_launch(cache_dir, tmp_path, 2, *ARGS, f"out_dir={plain}", "train.resume=auto")
+    assert done.returncode != 0
+    assert "has no DeepSpeed optimizer shard zero_0.pt" in done.stderr and "init_from" in done.stderr
+
+
+def test_reward_and_dpo_under_zero3_match_one_process(cache_dir, cli, tiny_run, tmp_path):
+    """Pair objectives through the engine: held-out accuracy is still collected (the engine's own `training`
+    flag never changes) and padding forwards of a sharded evaluation add no pairs."""
+    sft = tmp_path / "sft"
+    assert cli("sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={sft}", "train.max_steps=20",
+               "logger.tensorboard=false").returncode == 0
+    for command in ("reward", "dpo"):
+        args = [command, f"tiny/{command}", f"init_from={sft}", "train.max_steps=8", "train.eval_every=8",
+                "train.eval_batches=15", "logger.tensorboard=false"]  # 15 batches: the second process pads one
+        assert cli(*args, f"out_dir={tmp_path / command}").returncode == 0
+        done = zero_launch(cache_dir, tmp_path, 3, *args, f"out_dir={tmp_path / (command + '_zero')}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        one, zero = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+                     for name in (command, command + "_zero"))
+        assert "val_accuracy" in zero
+        for key in ("loss", "val_loss", "val_accuracy", "val_margin"):
+            assert zero[key] == pytest.approx(one[key], abs=1e-4), (command, key)
+
+
+def test_the_non_finite_guard_under_zero(cache_dir, tmp_path):
+    """The engine skips a non-finite update itself; llmkit counts it (skip mode) or stops with the weights of
+    the step before (stop mode), as in every other run."""
+    script = Path(__file__).with_name("zero_guard.py")
+    env = {**cli_env(cache_dir), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["skip"] == {"steps": 6, "skipped": 2}
+    assert result["stop"].startswith("step 5: non-finite") and result["untouched"]
