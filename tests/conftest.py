@@ -53,3 +53,14 @@ def tiny_run(cache_dir, tmp_path_factory) -> Path:
                           env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_run, cache_dir, tmp_path_factory) -> Path:
+    """A finished tiny SFT run on `tiny_run`: the base of the alignment tests (they write beside it)."""
+    out = tmp_path_factory.mktemp("align") / "sft"
+    done = subprocess.run([sys.executable, "-m", "llmkit", "sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={out}",
+                           "logger.tensorboard=false"], cwd=out.parent, env=cli_env(cache_dir), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out

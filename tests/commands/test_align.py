@@ -27,15 +27,6 @@ def run_cli(cache_dir, cwd, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_sft(tiny_run, cache_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("align") / "sft"
-    done = run_cli(cache_dir, out.parent, "sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={out}",
-                   "logger.tensorboard=false")
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
 def reward_run(tiny_sft, cache_dir) -> tuple[Path, subprocess.CompletedProcess]:
     out = tiny_sft.parent / "reward"
     done = run_cli(cache_dir, out.parent, "reward", "tiny/reward", f"init_from={tiny_sft}", f"out_dir={out}",

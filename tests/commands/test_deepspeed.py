@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO through `accelerate launch` with the shipped configs, on two CPU processes (gloo): the result of one
-process, exact resume, consolidated weights, the non-finite guard, and clear refusals of mismatched checkpoints."""
+process, exact resume, consolidated weights, the non-finite guard, and clear refusals of mismatched checkpoints.
+Also reward under FSDP beside DPO under ZeRO-3: the pair objectives' held-out statistics when sharded."""
 
 import importlib.util
 import json
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from tests.commands.test_distributed import FSDP_ARGS as ARGS
-from tests.commands.test_distributed import ROOT
+from tests.commands.test_distributed import FSDP_CONFIG, ROOT, accelerate_launch
 from tests.commands.test_resume import curve, final_weights
 from tests.conftest import cli_env
 
@@ -84,23 +85,23 @@ def test_a_zero_checkpoint_and_a_plain_one_refuse_to_resume_across(one_process, 
     assert "has no DeepSpeed optimizer shard zero_0.pt" in done.stderr and "init_from" in done.stderr
 
 
-def test_reward_and_dpo_under_zero3_match_one_process(cache_dir, cli, tiny_run, tmp_path):
-    """Pair objectives through the engine: held-out accuracy is still collected (the engine's own `training`
-    flag never changes) and padding forwards of a sharded evaluation add no pairs."""
-    sft = tmp_path / "sft"
-    assert cli("sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={sft}", "train.max_steps=20",
-               "logger.tensorboard=false").returncode == 0
-    for command in ("reward", "dpo"):
-        args = [command, f"tiny/{command}", f"init_from={sft}", "train.max_steps=8", "train.eval_every=8",
-                "train.eval_batches=15", "logger.tensorboard=false"]  # 15 batches: the second process pads one
-        assert cli(*args, f"out_dir={tmp_path / command}").returncode == 0
-        done = zero_launch(cache_dir, tmp_path, 3, *args, f"out_dir={tmp_path / (command + '_zero')}")
-        assert done.returncode == 0, done.stdout + done.stderr
-        one, zero = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
-                     for name in (command, command + "_zero"))
-        assert "val_accuracy" in zero
-        for key in ("loss", "val_loss", "val_accuracy", "val_margin"):
-            assert zero[key] == pytest.approx(one[key], abs=1e-4), (command, key)
+@pytest.mark.parametrize("command, launch", [("reward", "fsdp"), ("dpo", "zero3")])
+def test_pair_objectives_sharded_match_one_process(command, launch, cache_dir, cli, tiny_sft, tmp_path):
+    """Reward (under FSDP) and DPO (under ZeRO-3): held-out accuracy is still collected (a DeepSpeed engine's own
+    `training` flag never changes) and the padding forwards of a sharded evaluation add no pairs."""
+    args = [command, f"tiny/{command}", f"init_from={tiny_sft}", "train.max_steps=8", "train.eval_every=8",
+            "train.eval_batches=15", "logger.tensorboard=false"]  # 15 batches: the second process pads one
+    assert cli(*args, f"out_dir={tmp_path / 'one'}").returncode == 0
+    if launch == "fsdp":
+        done = accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *args, f"out_dir={tmp_path / 'sharded'}")
+    else:
+        done = zero_launch(cache_dir, tmp_path, 3, *args, f"out_dir={tmp_path / 'sharded'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, sharded = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+                    for name in ("one", "sharded"))
+    assert "val_accuracy" in sharded
+    for key in ("loss", "val_loss", "val_accuracy", "val_margin"):
+        assert sharded[key] == pytest.approx(one[key], abs=1e-4), key
 
 
 def test_the_non_finite_guard_under_zero(cache_dir, tmp_path):
