@@ -76,12 +76,10 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
 
 
 def _relaunch(command: str, args: list[str], num_processes: int) -> int:
-    """Run this same command in `num_processes` processes (torch.distributed.run: gloo on CPU, NCCL on GPU)."""
-    import subprocess
+    """Run this same command in `num_processes` processes (llmkit.launcher: gloo on CPU, NCCL on GPU)."""
+    from llmkit.launcher import run_local
 
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-              "-m", "llmkit", command, *args]
-    return subprocess.call(launch)
+    return run_local([command, *args], num_processes)
 
 
 def _report(error: Exception, console) -> int:
@@ -90,8 +88,9 @@ def _report(error: Exception, console) -> int:
 
     if os.environ.get("LLMKIT_DEBUG") == "1":
         console.print_exception()
-    if isinstance(error, InterruptedRun):
-        console.print(str(error), markup=False, soft_wrap=True)
+    if isinstance(error, InterruptedRun):  # every process stopped at the same step: the main one says so
+        if os.environ.get("RANK", "0") == "0":
+            console.print(str(error), markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, UserError):
         console.print(f"error: {error}", style="red", markup=False, soft_wrap=True)

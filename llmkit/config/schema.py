@@ -123,7 +123,7 @@ class LoggerConfig:
 
 @dataclass
 class LauncherConfig:
-    """Several processes on this machine: llmkit re-launches itself with torch.distributed.run.
+    """Several processes on this machine: llmkit starts them itself (`llmkit.launcher`), as torchrun would.
 
     For several GPUs or nodes you may also use `accelerate launch -m llmkit ...` or `torchrun -m llmkit ...`.
     """

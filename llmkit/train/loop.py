@@ -314,7 +314,7 @@ class Trainer:
                     self.state.step += 1
                     step = self.state.step
                     window_tokens += tokens
-                    stopping = stop.requested
+                    stopping = runtime.agree(stop.requested)  # every process stops after the same step
                     is_log = step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps
                     if not (is_log or step % cfg.save_every == 0 or stopping):
                         self.progress.update(step, self.shown, "", False)
@@ -472,6 +472,8 @@ class Trainer:
     def _resume_message(self, signal_name: str, saved: Path | None) -> str:
         args = [a for a in sys.argv[1:] if not a.startswith(("out_dir=", "train.resume="))]
         command = shlex.join(["llmkit", *args, f"out_dir={self.spec.run_dir}", "train.resume=auto"])
+        if self.runtime.world_size > 1 and not any(a.startswith("launcher.num_processes=") for a in args):
+            command = f"{command}\n(under the same accelerate launch / torchrun command and number of processes)"
         return f"stopped by {signal_name} at step {self.state.step}; checkpoint saved at {saved}.\nResume with: {command}"
 
 

@@ -41,6 +41,7 @@ class Runtime:
     fsdp: FSDPSettings | None = None  # set when an accelerate FSDP config launched the run
     zero: ZeroSettings | None = None  # set when an accelerate DeepSpeed config launched the run
     engine: Any = None  # the DeepSpeed engine, once `prepare_zero` has built it
+    host_group: Any = None  # a gloo group for host-side agreement when the default group is NCCL (else None)
     tied: set[str] = field(default_factory=set)  # names of tied (shared) weights, dropped from gathered states
 
     @property
@@ -74,6 +75,16 @@ class Runtime:
         if self.world_size == 1:
             return value
         return self.accelerator.reduce(value.to(self.device), reduction="sum")
+
+    def agree(self, flag: bool) -> bool:
+        """True on every process when `flag` is True on any (a CPU collective: the device is not waited on)."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        votes = torch.tensor([int(flag)])
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(votes.item())
 
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
@@ -250,4 +261,11 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(accelerator=accelerator, device=accelerator.device, precision=precision, fsdp=fsdp, zero=zero_cfg)
+    host_group = None
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        if dist.get_backend() != "gloo":  # every process creates it, at the same point
+            host_group = dist.new_group(backend="gloo")
+    return Runtime(accelerator=accelerator, device=accelerator.device, precision=precision, fsdp=fsdp, zero=zero_cfg,
+                   host_group=host_group)

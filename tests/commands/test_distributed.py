@@ -22,7 +22,7 @@ ARGS = ["pretrain", "tiny/pretrain", "train.max_steps=12", "train.save_every=4",
         "logger.tensorboard=false"]
 
 
-def test_two_processes_match_one_and_resume_after_a_kill(cli, cache_dir, tmp_path):
+def test_two_processes_match_one_and_resume_after_a_kill_or_a_ctrl_c(cli, cache_dir, tmp_path):
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     assert cli(*ARGS, f"out_dir={one}").returncode == 0
     done = cli(*ARGS, f"out_dir={two}", "launcher.num_processes=2")
@@ -45,6 +45,24 @@ def test_two_processes_match_one_and_resume_after_a_kill(cli, cache_dir, tmp_pat
     assert done.returncode == 0, done.stderr
     assert_same_run(killed, two)
     assert load_file(str(killed / "checkpoints" / "step_000012" / "model.safetensors"))
+    # Ctrl-C: SIGINT to the whole process group, as a terminal sends it (each process gets it, and llmkit's
+    # launcher passes it on): both stop after one agreed step, save once, exit 130 with one message.
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *ARGS, f"out_dir={stopped}", "launcher.num_processes=2"],
+                            cwd=tmp_path, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    wait_for(lambda: last_logged_step(stopped) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert err.count("stopped by SIGINT at step") == 1 and err.count("SIGINT received") == 1
+    assert "Traceback" not in err
+    step = int(err.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert 3 <= step < 12 and (stopped / "checkpoints" / f"step_{step:06d}" / "COMPLETE").is_file()
+    done = cli(*ARGS, f"out_dir={stopped}", "launcher.num_processes=2", "train.resume=auto")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(stopped, two)
+
 
 
 FSDP_CONFIG = ROOT / "conf" / "accelerate" / "fsdp.yaml"

@@ -164,3 +164,24 @@ def test_warmup_then_cosine_to_floor():
     assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert 0.1 < lr_factor(55, 100, cfg) < 1.0
+
+
+def test_a_repeated_signal_within_a_second_is_one_request_and_a_later_ctrl_c_exits_at_once(monkeypatch):
+    """A terminal's Ctrl-C reaches every process of a launch and launchers pass theirs on too: the duplicate
+    must not skip the checkpoint. A Ctrl-C later than that is the user's second one: exit now."""
+    import os
+    import signal
+
+    from llmkit.train.signals import GracefulStop
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same request, passed on
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 130 and exits == []
+        stop.received_at -= GracefulStop.SAME_REQUEST_S + 0.1  # a second later
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [130]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,0 +1,69 @@
+"""`launcher.num_processes=N`: this command in N processes on this machine, started and stopped by llmkit.
+
+Each worker gets the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT;
+OMP_NUM_THREADS=1 unless set), so accelerate joins them in one process group (gloo on CPU, NCCL on GPU). The
+workers share this process's process group: a Ctrl-C in the terminal reaches each of them. A SIGINT or SIGTERM
+sent to this process alone is passed on; each worker takes a duplicate within a second as the same request
+(`llmkit.train.signals`). The workers agree on the step to stop at, save one checkpoint and exit 130/143,
+which this process returns. When a worker fails, the others are stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+STOP_GRACE_S = 10.0  # after a worker failed: how long the others get to exit on SIGTERM before SIGKILL
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_local(argv: list[str], num_processes: int) -> int:
+    """Run `python -m llmkit <argv>` as ranks 0..num_processes-1; return rank 0's exit code (or a failure's)."""
+    port = str(_free_port())
+    workers = []
+    for rank in range(num_processes):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(num_processes),
+               "LOCAL_WORLD_SIZE": str(num_processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        workers.append(subprocess.Popen([sys.executable, "-m", "llmkit", *argv], env=env))
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _wait(workers)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait(workers: list[subprocess.Popen]) -> int:
+    """Wait for every worker; if one fails (not a graceful stop), stop the rest."""
+    failed_at: float | None = None
+    while any(w.poll() is None for w in workers):
+        codes = [w.returncode for w in workers if w.returncode is not None]
+        if failed_at is None and any(code not in (0, 130, 143) for code in codes):
+            failed_at = time.monotonic()
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+        if failed_at is not None and time.monotonic() - failed_at > STOP_GRACE_S:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+        time.sleep(0.05)
+    codes = [w.returncode for w in workers]
+    failures = [c for c in codes if c not in (0, 130, 143)]
+    return failures[0] if failures else codes[0]
