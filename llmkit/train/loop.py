@@ -344,8 +344,9 @@ class Trainer:
                     done = step == cfg.max_steps or stopped_early or stopping
                     if step % cfg.save_every == 0 or done:
                         last_saved = self.save(val_loss)
-                    if stopping:
-                        raise InterruptedRun(self._resume_message(stop.name, last_saved), stop.exit_code)
+                    if stopping:  # (this process may not be the one that was signalled)
+                        name, code = (stop.name, stop.exit_code) if stop.requested else ("another process's signal", 143)
+                        raise InterruptedRun(self._resume_message(name, last_saved), code)
                     if stopped_early:
                         self.progress.print(f"early stopping at step {step}: no validation improvement in "
                                             f"{cfg.early_stopping_patience} evaluations")
