@@ -21,7 +21,7 @@ import torch
 from llmkit.errors import UserError
 from llmkit.train import zero as deepspeed_zero
 from llmkit.train.checkpoint import unique_names
-from llmkit.train.zero import ZeroSettings
+from llmkit.train.zero import ZeroSettings, env_flag
 
 
 @dataclass(frozen=True)
@@ -218,13 +218,9 @@ def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         module.activation_checkpointing = enabled
 
 
-def _env_flag(name: str, default: str = "false") -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
-
-
 def fsdp_settings() -> FSDPSettings | None:
     """FSDP settings when an accelerate FSDP config launched this process (ACCELERATE_USE_FSDP=true), else None."""
-    if not _env_flag("ACCELERATE_USE_FSDP"):
+    if not env_flag("ACCELERATE_USE_FSDP"):
         return None
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
@@ -236,8 +232,8 @@ def fsdp_settings() -> FSDPSettings | None:
                         "fsdp_transformer_layer_cls_to_wrap: Block (conf/accelerate/fsdp.yaml)")
     classes = tuple(c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block").split(",") if c.strip())
     return FSDPSettings(wrap_classes=classes or ("Block",),
-                        reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
-                        offload_params=_env_flag("FSDP_OFFLOAD_PARAMS"))
+                        reshard_after_forward=env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                        offload_params=env_flag("FSDP_OFFLOAD_PARAMS"))
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:

@@ -34,14 +34,15 @@ class ZeroSettings:
     offload_param: str = "none"  # none | cpu: parameter shards in CPU memory (stage 3)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+def env_flag(name: str, default: str = "false") -> bool:
+    """A yes/no field of an accelerate config, as `accelerate launch` puts it in the environment."""
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
 
 
 def zero_settings() -> ZeroSettings | None:
     """ZeRO settings when an accelerate DeepSpeed config launched this process, else None; refuses what
     llmkit does not run with one message naming the config."""
-    if not _env_flag("ACCELERATE_USE_DEEPSPEED"):
+    if not env_flag("ACCELERATE_USE_DEEPSPEED"):
         return None
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
     config = f"conf/accelerate/deepspeed_zero{stage}.yaml" if stage in ("2", "3") else "the accelerate config"
