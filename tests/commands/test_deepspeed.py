@@ -22,11 +22,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 
 def zero_launch(cache_dir: Path, cwd: Path, stage: int, *args: str, offload: bool = False) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file conf/accelerate/deepspeed_zero<stage>.yaml --num_processes 2 -m llmkit ...`."""
-    config = ROOT / "conf" / "accelerate" / f"deepspeed_zero{stage}.yaml"
-    extra = ["--offload_optimizer_device", "cpu"] if offload else []
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-              *extra, "-m", "llmkit", *args]
-    return subprocess.run(launch, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+    options = ("--offload_optimizer_device", "cpu") if offload else ()
+    return accelerate_launch(cache_dir, cwd, ROOT / "conf" / "accelerate" / f"deepspeed_zero{stage}.yaml", *args,
+                             options=options)
 
 
 def losses(run: Path) -> torch.Tensor:

@@ -70,10 +70,11 @@ FSDP_ARGS = ["pretrain", "tiny/pretrain", "train.max_steps=8", "train.save_every
              "logger.tensorboard=false"]
 
 
-def accelerate_launch(cache_dir, tmp_path, config: Path, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file <config> --num_processes 2 -m llmkit ...`: what a user types."""
+def accelerate_launch(cache_dir, tmp_path, config: Path, *args: str, options: tuple[str, ...] = ()
+                      ) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file <config> --num_processes 2 <options> -m llmkit ...`: what a user types."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-              "-m", "llmkit", *args]
+              *options, "-m", "llmkit", *args]
     return subprocess.run(launch, cwd=tmp_path, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
 
 

@@ -1,31 +1,15 @@
 """Run by test_deepspeed.py under `torch.distributed.run` with an accelerate DeepSpeed environment: the loop's
-non-finite guard with a loss that turns NaN at given steps. Prints one JSON line (main process)."""
+non-finite guard with a loss that turns NaN at given steps (batch 8: two micro-batches a step on each of two
+processes, as test_loop's single process has). Prints one JSON line (main process)."""
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 from llmkit.train.loop import TrainingError
-from llmkit.train.objectives import CausalLM, unwrap
-from tests.unit.test_loop import make_trainer
-
-
-class PoisonAt(CausalLM):
-    """NaN loss at the given (1-based) steps; two micro-batches a step on each of the two processes."""
-
-    def __init__(self, steps: set[int]) -> None:
-        super().__init__()
-        self.steps, self.calls = steps, 0
-
-    def __call__(self, model, batch):
-        loss, metrics = super().__call__(model, batch)
-        training = unwrap(model).training  # the engine's own flag stays True in evaluation
-        if training:
-            self.calls += 1
-        return (loss * math.nan if training and (self.calls + 1) // 2 in self.steps else loss), metrics
+from tests.unit.test_loop import PoisonAt, make_trainer
 
 
 def main(out: Path) -> None:

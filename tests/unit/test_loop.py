@@ -13,7 +13,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.loop import Trainer, TrainingError, TrainSpec, accumulate, batch_indices
-from llmkit.train.objectives import IGNORE, CausalLM
+from llmkit.train.objectives import IGNORE, CausalLM, unwrap
 from llmkit.train.optim import lr_factor
 from llmkit.train.runtime import setup_runtime
 
@@ -74,9 +74,10 @@ class PoisonAt(CausalLM):
 
     def __call__(self, model, batch):
         loss, metrics = super().__call__(model, batch)
-        if model.training:
+        training = unwrap(model).training  # (a DeepSpeed engine's own flag stays True in evaluation)
+        if training:
             self.calls += 1
-        return (loss * math.nan if model.training and (self.calls + 1) // 2 in self.steps else loss), metrics
+        return (loss * math.nan if training and (self.calls + 1) // 2 in self.steps else loss), metrics
 
 
 def make_trainer(tmp_path: Path, objective, **train):
