@@ -22,7 +22,7 @@ ARGS = ["pretrain", "tiny/pretrain", "train.max_steps=12", "train.save_every=4",
         "logger.tensorboard=false"]
 
 
-def test_two_processes_match_one_and_resume_after_a_kill_or_a_ctrl_c(cli, cache_dir, tmp_path):
+def test_two_processes_match_one_and_resume_after_a_kill_a_ctrl_c_or_one_process_signalled(cli, cache_dir, tmp_path):
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     assert cli(*ARGS, f"out_dir={one}").returncode == 0
     done = cli(*ARGS, f"out_dir={two}", "launcher.num_processes=2")
@@ -62,6 +62,38 @@ def test_two_processes_match_one_and_resume_after_a_kill_or_a_ctrl_c(cli, cache_
     done = cli(*ARGS, f"out_dir={stopped}", "launcher.num_processes=2", "train.resume=auto")
     assert done.returncode == 0, done.stderr
     assert_same_run(stopped, two)
+    # SIGTERM to rank 1 alone (as a cluster scheduler may send it): rank 0 learns of it through the per-step vote,
+    # so both stop after the same step and save one complete checkpoint. Without the vote rank 1 would save while
+    # rank 0 went on with the next step's collectives (a hang or a mismatch, not exit 143).
+    alone = tmp_path / "alone"
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *ARGS, f"out_dir={alone}", "launcher.num_processes=2"],
+                            cwd=tmp_path, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    wait_for(lambda: last_logged_step(alone) >= 3, proc)
+    os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err
+    assert err.count("stopped by another process's signal at step") == 1 and "Traceback" not in err
+    step = int(err.split("signal at step ")[1].split(";")[0])
+    saved = alone / "checkpoints" / f"step_{step:06d}"
+    assert 3 <= step < 12 and (saved / "COMPLETE").is_file()
+    assert sorted(p.name for p in saved.glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+    done = cli(*ARGS, f"out_dir={alone}", "launcher.num_processes=2", "train.resume=auto")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(alone, two)
+
+
+def worker_pid(launcher: int, rank: int) -> int:
+    """The process id of `launcher.num_processes`'s worker of this rank (a child with RANK=<rank>)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under process {launcher}")
 
 
 
