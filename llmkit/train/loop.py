@@ -159,21 +159,12 @@ class Trainer:
         source = self._resume_source()
         if source is not None:  # weights go into the whole model, before any sharding
             self._load_weights(source)
-        if runtime.fsdp is not None:  # FSDP2 shards in place; the optimizer must then hold the sharded parameters
-            runtime.prepare(self.model)  # (CausalLM then takes its logits from the forward: lm_head is sharded)
+        runtime.shard(self.model)  # FSDP2, in place, before the optimizer takes the parameters
         self.optimizer = build_optimizer(self.model, optim, runtime.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.max_steps, sched)
-        if runtime.zero is not None:  # the engine shards the optimizer (ZeRO-3: the parameters too) in place
-            if cfg.compile == "true":
-                raise UserError("train.compile=true is not supported under DeepSpeed; set train.compile=auto")
-            runtime.prepare_zero(self.model, self.optimizer, cfg.micro_batch_size, per_rank // cfg.micro_batch_size,
-                                 optim.grad_clip)
+        self.wrapped = runtime.wrap(self.model, self.optimizer, cfg.compile, cfg.micro_batch_size,
+                                    per_rank // cfg.micro_batch_size, optim.grad_clip)
         resumed = source is not None and self._load_train_state(source)
-        if runtime.zero is not None:
-            self.wrapped = runtime.engine
-        else:
-            wrapped = torch.compile(self.model) if use_compile(cfg.compile, runtime.device) else self.model
-            self.wrapped = wrapped if runtime.fsdp is not None else runtime.prepare(wrapped)
         self.metrics = MetricsLogger(spec.run_dir, runtime.is_main, logger.tensorboard,
                                      resume_step=self.state.step if resumed else None)
         self.progress = TrainProgress(cfg.max_steps, self.state.step, runtime.is_main, logger.progress, spec.command)
@@ -181,8 +172,7 @@ class Trainer:
         # Host-device syncs only at read points: steps wait in `pending`; the non-finite guard skips bad
         # updates on the device (fused AdamW's found_inf) and the host replays its decisions when it reads.
         self.pending: list[StepValues] = []
-        # FSDP: DTensor states; DeepSpeed: the engine steps (and skips a non-finite update) itself
-        self.device_skip = _supports_found_inf(self.optimizer) and runtime.fsdp is None and runtime.zero is None
+        self.device_skip = runtime.skips_on_device(self.optimizer)
         self.halted = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.skip_count = torch.zeros((), dtype=torch.long, device=runtime.device)
         self.shown: dict[str, float] = {}
@@ -205,17 +195,10 @@ class Trainer:
     def _load_train_state(self, source: Path) -> bool:
         state = ckpt.load_train_state(source / "state.pt")
         try:
-            self.runtime.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.runtime.load_optimizer_state(self.model, self.optimizer, state["optimizer"], source)
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as error:
             raise UserError(f"{source}/state.pt does not match this run's optimizer ({error})") from None
-        if self.runtime.zero is not None:
-            zero_file = source / f"zero_{self.runtime.rank}.pt"
-            if not zero_file.is_file():
-                raise UserError(f"{source} has no DeepSpeed optimizer shard {zero_file.name}: it was not saved by a "
-                                f"DeepSpeed run of {self.runtime.world_size} processes; resume it as it was launched, "
-                                "or start a new run from its weights (init_from=<checkpoint>)")
-            self.runtime.load_zero_optimizer_state(ckpt.load_train_state(zero_file), str(zero_file))
         self.state = LoopState(**state["loop"])
         rng_file = source / f"rng_{self.runtime.rank}.pt"
         if not rng_file.is_file():
@@ -234,10 +217,8 @@ class Trainer:
         runtime.barrier()
         tmp = tmp or self.ckpt_root / f".tmp-{ckpt.step_dir_name(self.state.step)}"
         ckpt.write_rank_state(tmp, runtime.rank, ckpt.rng_state())
-        if runtime.zero is not None:
-            ckpt.write_rank_state(tmp, runtime.rank, runtime.zero_optimizer_state(), name="zero")
         full = runtime.full_state_dict(self.model) if runtime.sharded else None  # collectives (FSDP, ZeRO-3):
-        optimizer_state = runtime.optimizer_state(self.model, self.optimizer)  # every process gathers, main keeps
+        optimizer_state = runtime.optimizer_state(self.model, self.optimizer, tmp)  # every process gathers, main keeps
         runtime.barrier()
         final = self.ckpt_root / ckpt.step_dir_name(self.state.step)
         if runtime.is_main:
@@ -387,35 +368,26 @@ class Trainer:
         total: int | torch.Tensor = local_targets
         if runtime.world_size > 1:
             total = runtime.sum(torch.tensor(float(local_targets), device=runtime.device))
-        if runtime.engine is not None and not float(total):  # no targets anywhere: DeepSpeed would still update
+        if runtime.steps_in_backward and not float(total):  # no targets anywhere: the engine would still update
             loss_sum, metric_sums, grad_norm = torch.zeros((), device=runtime.device), {}, torch.zeros((), device=runtime.device)
-        else:  # (a DeepSpeed engine clips and steps after the last micro-batch)
+        else:
             loss_sum, metric_sums = accumulate(self.wrapped, spec.objective, micro_batches, runtime, total)
-            grad_norm = runtime.engine_grad_norm() if runtime.engine is not None else self._clip_gradients()
+            grad_norm = runtime.clip_gradients(self.model, self.grad_clip)
         values = StepValues(self.state.step + 1, runtime.sum(loss_sum), total, grad_norm,
                             {k: runtime.sum(v) for k, v in metric_sums.items()})
         bad = ~(torch.isfinite(values.loss_sum) & torch.isfinite(grad_norm.float())) | (total == 0)
         self.pending.append(values)
         if self.device_skip:
             self.optimizer.found_inf = self._device_guard(bad).float()  # fused AdamW skips the update when 1
-            self.optimizer.step()
+            runtime.step(self.optimizer)
         else:  # this optimizer cannot skip on the device: read the flag now (one sync per step)
             self._read()
-            if not bool(bad) and runtime.engine is None:  # DeepSpeed skipped a non-finite update itself
-                self.optimizer.step()
+            if not bool(bad):  # (a DeepSpeed engine has already skipped a non-finite update)
+                runtime.step(self.optimizer)
         self.scheduler.step()
-        if runtime.engine is None:  # (a DeepSpeed engine clears its own gradient buffers)
-            self.optimizer.zero_grad(set_to_none=True)
+        runtime.zero_grad(self.optimizer)
         tokens = sum(v.numel() for b in micro_batches for k, v in b.items() if k.endswith("input_ids"))
         return tokens * runtime.world_size
-
-    def _clip_gradients(self) -> torch.Tensor:
-        """Clip to optim.grad_clip (0: no clipping); the total norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return torch.zeros((), device=self.runtime.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
-        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
 
     def _device_guard(self, bad: torch.Tensor) -> torch.Tensor:
         """Whether to skip this update, decided on the device as `_nonfinite` will decide on the host.
@@ -476,18 +448,6 @@ class Trainer:
         if self.runtime.world_size > 1 and not any(a.startswith("launcher.num_processes=") for a in args):
             command = f"{command}\n(under the same accelerate launch / torchrun command and number of processes)"
         return f"stopped by {signal_name} at step {self.state.step}; checkpoint saved at {saved}.\nResume with: {command}"
-
-
-def use_compile(setting: str, device: torch.device) -> bool:
-    """train.compile: true | false | auto (on CUDA only: on this project's CPUs the ~40 s compile outweighs
-    a +5-13% step speed-up for runs of minutes; see docs/performance.md)."""
-    return setting == "true" or (setting == "auto" and device.type == "cuda")
-
-
-def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused Adam/AdamW take a `found_inf` flag and skip the whole update on the device when it is 1."""
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
-        g.get("fused") for g in optimizer.param_groups)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

@@ -10,17 +10,19 @@ DeepSpeed ZeRO (`conf/accelerate/deepspeed_zero{2,3}.yaml`) runs through `llmkit
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmkit.errors import UserError
 from llmkit.train import zero as deepspeed_zero
-from llmkit.train.checkpoint import unique_names
+from llmkit.train.checkpoint import load_train_state, unique_names, write_rank_state
 from llmkit.train.zero import ZeroSettings, env_flag
 
 
@@ -40,7 +42,7 @@ class Runtime:
     precision: str  # fp32 | bf16
     fsdp: FSDPSettings | None = None  # set when an accelerate FSDP config launched the run
     zero: ZeroSettings | None = None  # set when an accelerate DeepSpeed config launched the run
-    engine: Any = None  # the DeepSpeed engine, once `prepare_zero` has built it
+    engine: Any = None  # the DeepSpeed engine, once `wrap` has built it
     host_group: Any = None  # a gloo group for host-side agreement when the default group is NCCL (else None)
     tied: set[str] = field(default_factory=set)  # names of tied (shared) weights, dropped from gathered states
 
@@ -101,11 +103,17 @@ class Runtime:
         else:
             yield
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Shard `model` in place with FSDP2 (each wrap-class module, then the root); DDP-wrap it on several
-        processes without FSDP; unchanged on one process. Build the optimizer on `model` afterwards."""
+    @property
+    def steps_in_backward(self) -> bool:
+        """A DeepSpeed engine reduces, clips and updates inside the last micro-batch's `backward` (even when the
+        step has no targets: the loop then leaves the backward out)."""
+        return self.engine is not None
+
+    def shard(self, model: torch.nn.Module) -> None:
+        """FSDP2: shard `model` in place (each wrap-class module, then the root); a no-op without FSDP. Build the
+        optimizer on `model` afterwards, so that it holds the sharded parameters."""
         if self.fsdp is None:
-            return self.accelerator.prepare_model(model) if self.world_size > 1 else model
+            return
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         own = model.state_dict()
@@ -128,15 +136,24 @@ class Runtime:
         if self.is_main:
             print(f"FSDP2: {len(units)} {'/'.join(self.fsdp.wrap_classes)} units and the root sharded over "
                   f"{self.world_size} processes")
-        return model
 
-    def prepare_zero(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int,
-                     micro_batches: int, grad_clip: float) -> None:
-        """Build the DeepSpeed engine (`self.engine`) over `model` and `optimizer`; it shards both in place."""
-        assert self.zero is not None
-        self.engine = deepspeed_zero.build_engine(model, optimizer, self.zero, micro_batch_size, micro_batches, grad_clip)
-        if self.is_main:
-            print(f"DeepSpeed ZeRO-{self.zero.stage} over {self.world_size} processes")
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, compile_setting: str,
+             micro_batch_size: int, micro_batches: int, grad_clip: float) -> torch.nn.Module:
+        """The module the loop runs: under DeepSpeed the engine, built over `model` and `optimizer` (which it shards
+        in place; it clips to grad_clip and steps every `micro_batches` backward calls); otherwise `model`,
+        compiled as train.compile says and DDP-wrapped on several processes without FSDP."""
+        if self.zero is not None:
+            if compile_setting == "true":
+                raise UserError("train.compile=true is not supported under DeepSpeed; set train.compile=auto")
+            self.engine = deepspeed_zero.build_engine(model, optimizer, self.zero, micro_batch_size, micro_batches,
+                                                      grad_clip)
+            if self.is_main:
+                print(f"DeepSpeed ZeRO-{self.zero.stage} over {self.world_size} processes")
+            return self.engine
+        wrapped = torch.compile(model) if use_compile(compile_setting, self.device) else model
+        if self.fsdp is None and self.world_size > 1:
+            return self.accelerator.prepare_model(wrapped)
+        return wrapped
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's (scaled) loss; a DeepSpeed engine also steps after the last one."""
@@ -145,9 +162,31 @@ class Runtime:
         else:
             loss.backward()
 
-    def engine_grad_norm(self) -> torch.Tensor:
-        """The DeepSpeed engine's gradient norm (before clipping) of the step it just took."""
-        return deepspeed_zero.grad_norm(self.engine, self.device)
+    def clip_gradients(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to max_norm (0: no clipping); the total norm before clipping, on the device.
+        (DeepSpeed: the engine clipped in its step; its norm.)"""
+        if self.engine is not None:
+            return deepspeed_zero.grad_norm(self.engine, self.device)
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+
+    def skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the optimizer can skip a non-finite update on the device: fused Adam/AdamW take a `found_inf`
+        flag (not under FSDP, whose states are DTensors, nor DeepSpeed, whose engine skips one itself)."""
+        return (self.fsdp is None and self.zero is None and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+                and all(g.get("fused") for g in optimizer.param_groups))
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer update (a DeepSpeed engine has made it in `backward`)."""
+        if self.engine is None:
+            optimizer.step()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.engine is None:  # (a DeepSpeed engine clears its own gradient buffers; clearing them breaks offload)
+            optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Every process calls this (a collective under FSDP and ZeRO-3); the main process gets the full,
@@ -167,11 +206,13 @@ class Runtime:
 
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Every process calls this; the optimizer state to save (under FSDP: full, keyed by parameter name,
-        on the main process; loadable by any number of processes). Under DeepSpeed every process saves its own
-        shard (`zero_optimizer_state`); this is only a marker."""
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> dict[str, Any]:
+        """Every process calls this; the optimizer state for state.pt (under FSDP: full, keyed by parameter name,
+        on the main process; loadable by any number of processes). Under DeepSpeed every process writes its own
+        shard into `directory` (zero_<rank>.pt, tensors and numbers only) and state.pt gets a marker."""
         if self.zero is not None:
+            write_rank_state(directory, self.rank, deepspeed_zero.optimizer_state(self.engine, self.zero, self.world_size),
+                             name="zero")
             return {"deepspeed_zero": self.zero.stage, "processes": self.world_size}
         if self.fsdp is None:
             return optimizer.state_dict()
@@ -179,18 +220,16 @@ class Runtime:
 
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def zero_optimizer_state(self) -> dict[str, Any]:
-        """Every process under DeepSpeed: its own shard of the optimizer state (saved as zero_<rank>.pt)."""
-        assert self.zero is not None
-        return deepspeed_zero.optimizer_state(self.engine, self.zero, self.world_size)
-
-    def load_zero_optimizer_state(self, saved: dict[str, Any], path: str) -> None:
-        assert self.zero is not None
-        deepspeed_zero.load_optimizer_state(self.engine, self.zero, self.world_size, saved, path)
-
-    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Every process: restore what `optimizer_state` saved (DeepSpeed: `load_zero_optimizer_state`)."""
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                             source: Path) -> None:
+        """Every process: restore what `optimizer_state` saved into checkpoint `source`."""
         if self.zero is not None:
+            shard = source / f"zero_{self.rank}.pt"
+            if not shard.is_file():
+                raise UserError(f"{source} has no DeepSpeed optimizer shard {shard.name}: it was not saved by a "
+                                f"DeepSpeed run of {self.world_size} processes; resume it as it was launched, "
+                                "or start a new run from its weights (init_from=<checkpoint>)")
+            deepspeed_zero.load_optimizer_state(self.engine, self.zero, self.world_size, load_train_state(shard), str(shard))
             return
         if "deepspeed_zero" in state:
             raise UserError(f"the checkpoint was saved by a DeepSpeed ZeRO-{state['deepspeed_zero']} run of "
@@ -203,6 +242,12 @@ class Runtime:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """train.compile: true | false | auto (on CUDA only: on this project's CPUs the ~40 s compile outweighs
+    a +5-13% step speed-up for runs of minutes; see docs/performance.md)."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:

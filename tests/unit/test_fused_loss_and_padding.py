@@ -15,8 +15,9 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.hf import config_to_hf, state_dict_from_hf, state_dict_to_hf
 from llmkit.model.transformer import Transformer
 from llmkit.train import checkpoint as ckpt
-from llmkit.train.loop import TrainingError, use_compile
+from llmkit.train.loop import TrainingError
 from llmkit.train.objectives import IGNORE, CausalLM, linear_cross_entropy
+from llmkit.train.runtime import use_compile
 from tests.unit.test_loop import PoisonAt, make_trainer
 
 V = 61  # padded to 64
