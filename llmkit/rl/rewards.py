@@ -43,6 +43,8 @@ SUMS = ("pairs", "correct", "chosen", "chosen_sq", "rejected", "rejected_sq")
 class PairObjective(ABC):
     """A loss over (chosen, rejected) rewards; in eval mode it also sums those rewards into `collected`."""
 
+    held_out_means: tuple[str, ...] = ()  # stats whose held-out mean over pairs is logged as val_<name>
+
     def __init__(self) -> None:
         self.collected: dict[str, Tensor] | None = None  # set by PairTrainer.evaluate
 
@@ -61,15 +63,19 @@ class PairObjective(ABC):
             for key, value in zip(SUMS, (torch.tensor(float(n)), (chosen > rejected).sum(), chosen.sum(),
                                          chosen.square().sum(), rejected.sum(), rejected.square().sum()), strict=True):
                 self.collected[key] = self.collected[key] + value.to(self.collected[key].device)
+            for key in self.held_out_means:
+                self.collected[key] = self.collected[key] + stats[key].detach().float() * n
         return loss_sum, {key: value * n for key, value in stats.items()}  # the loop divides by the pair count
 
 
-def held_out_stats(sums: dict[str, float]) -> dict[str, float]:
-    """val_accuracy, val_margin and mean/std of each side's rewards from summed rewards."""
+def held_out_stats(sums: dict[str, float], means: tuple[str, ...] = ()) -> dict[str, float]:
+    """val_accuracy, val_margin and mean/std of each side's rewards from summed rewards; val_<name> for each of
+    `means` (summed over pairs)."""
     n = sums.get("pairs", 0.0)
     if not n:
         return {}
     out = {"val_accuracy": sums["correct"] / n, "val_margin": (sums["chosen"] - sums["rejected"]) / n}
+    out.update({f"val_{key}": sums[key] / n for key in means})
     for side in ("chosen", "rejected"):
         mean = sums[side] / n
         out[f"val_{side}_mean"] = mean
@@ -87,13 +93,14 @@ class PairTrainer(Trainer):
 
     def evaluate(self) -> float | None:
         objective = self.spec.objective
-        objective.collected = {key: torch.zeros((), device=self.runtime.device) for key in SUMS}
+        objective.collected = {key: torch.zeros((), device=self.runtime.device)
+                               for key in (*SUMS, *objective.held_out_means)}
         try:
             val_loss = super().evaluate()
             sums = {key: self.runtime.sum(value).item() for key, value in objective.collected.items()}
         finally:
             objective.collected = None
-        self.val_stats = held_out_stats(sums)
+        self.val_stats = held_out_stats(sums, objective.held_out_means)
         return val_loss
 
     def padding_forward(self, batch: Batch) -> None:
@@ -174,8 +181,11 @@ class DPOObjective(PairObjective):
 
     nll_weight > 0 adds RPO's term: nll_weight times the policy's per-token mean NLL of each pair's chosen
     response (response tokens only, never the prompt), per pair like the DPO loss, so the loop's division
-    by the pair count makes it a mean over pairs, the same under any micro-batching. `nll` is always logged.
+    by the pair count makes it a mean over pairs, the same under any micro-batching. `nll` is always logged,
+    and its held-out mean as `val_nll` (falling chosen likelihood is DPO's known failure, which RPO's term counters).
     """
+
+    held_out_means = ("nll",)
 
     def __init__(self, reference: torch.nn.Module, kind: str, beta: float, label_smoothing: float,
                  nll_weight: float = 0.0) -> None:

@@ -82,6 +82,7 @@ def test_dpo_moves_accuracy_and_margin_the_right_way(tiny_sft, cache_dir):
     # at the start the policy is its reference: every implicit reward is 0, the loss log 2, the margin 0
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] < math.log(2), vals
     assert vals[-1]["val_margin"] > vals[0]["val_margin"] > 0 and vals[-1]["val_accuracy"] > 0.5, vals
+    assert all(math.isfinite(v["val_nll"]) and v["val_nll"] > 0 for v in vals), vals  # chosen answers' likelihood
     meta = json.loads((out / "checkpoints" / "step_000040" / "meta.json").read_text())
     assert meta["command"] == "dpo" and meta["chat_template"] == "chatml"
 

@@ -9,7 +9,7 @@ import torch
 from llmkit.config.schema_align import DPOLossConfig
 from llmkit.errors import UserError
 from llmkit.rl.losses import dpo_loss, response_nll
-from llmkit.rl.rewards import DPOObjective
+from llmkit.rl.rewards import SUMS, DPOObjective, held_out_stats
 from llmkit.train.loop import accumulate
 
 F64 = torch.float64
@@ -161,6 +161,22 @@ def test_same_gradient_under_micro_batching():
     # and the logged nll is the mean over pairs of each chosen response's token mean
     expected = by_hand_nll(FixedLogits(5, seed=0), batch, [0, 1]).mean().detach().float()
     torch.testing.assert_close(logged[0][1], expected)
+
+
+def test_held_out_nll_is_the_mean_over_pairs_whatever_the_batches():
+    """Evaluation sums each pair's chosen-response NLL; val_nll is their mean over all held-out pairs."""
+    batch = pair_batch()
+    expected = by_hand_nll(FixedLogits(5, seed=0), batch, [0, 1]).mean().item()
+    for micro in ([batch], [split(batch, [0]), split(batch, [1])]):
+        policy = FixedLogits(5, seed=0).eval()
+        objective = DPOObjective(FixedLogits(5, seed=1), "sigmoid", 0.1, 0.0)
+        objective.collected = {key: torch.zeros(()) for key in (*SUMS, *objective.held_out_means)}
+        with torch.no_grad():
+            for b in micro:
+                objective(policy, b)
+        stats = held_out_stats({k: v.item() for k, v in objective.collected.items()}, objective.held_out_means)
+        assert stats["val_nll"] == pytest.approx(expected, abs=1e-6)
+        assert stats["val_accuracy"] in (0.0, 0.5, 1.0)
 
 
 def test_config_validates_nll_weight():
