@@ -15,7 +15,7 @@ from llmkit.train.loop import TrainSpec
 def run(cfg: DPOConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("dpo", cfg, resolved_yaml)
     base = load_sft_base(cfg, "dpo", run_dir)
-    sets, template, seq_len = pair_data(cfg, base, run_dir, runtime.is_main)
+    sets, template = pair_data(cfg, base, run_dir, runtime.is_main)
     policy = base.model.train()
     reference = copy.deepcopy(policy).to(runtime.device)  # the initial policy, before any resume loads newer weights
     objective = DPOObjective(reference, cfg.loss.kind, cfg.loss.beta, cfg.loss.label_smoothing, cfg.loss.nll_weight)
@@ -23,7 +23,7 @@ def run(cfg: DPOConfig, resolved_yaml: str) -> int:
     spec = TrainSpec(
         command="dpo", model=policy, objective=objective, train_set=sets.train, val_set=sets.val, run_dir=run_dir,
         meta={**pair_meta(base, "dpo", template, policy.cfg), "dpo": losses},
-        flops_per_token=flops_per_token(policy.cfg, seq_len) * 8 / 6,  # + the reference's forward pass
+        flops_per_token=lambda width: flops_per_token(policy.cfg, width) * 8 / 6,  # + the reference's forward pass
         files={"tokenizer.json": run_dir / "tokenizer.json"},
     )
     trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from functools import partial
 from pathlib import Path
 
 from llmkit.commands.common import build_model, check_tokenizer_fits, load_trained, report_result, start_run
@@ -43,7 +44,7 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
         command="pretrain", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokens_dir": str(tokens_dir.resolve()),
               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
-        flops_per_token=flops_per_token(cfg.model, seq_len), files={"tokenizer.json": tokens_dir / "tokenizer.json"},
+        flops_per_token=partial(flops_per_token, cfg.model), files={"tokenizer.json": tokens_dir / "tokenizer.json"},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
     if runtime.is_main:

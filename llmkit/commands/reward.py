@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,8 +37,8 @@ def load_sft_base(cfg, command: str, run_dir: Path) -> LoadedModel:
     return base
 
 
-def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[PreferenceSets, str, int]:
-    """Tokenised preference pairs of `cfg.data` with the base run's chat template: (sets, template, seq_len)."""
+def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[PreferenceSets, str]:
+    """Tokenised preference pairs of `cfg.data` with the base run's chat template: (sets, template)."""
     meta, block = base.meta, base.model.cfg.block_size
     seq_len = cfg.train.seq_len or block
     if seq_len > block:
@@ -52,7 +53,7 @@ def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[Pre
         print(f"preference data: {s.pairs} training pairs ({s.identical} identical and {s.too_long} longer than "
               f"{seq_len} tokens dropped), {v.pairs} held out; chat template {template}; "
               f"starting from {base.checkpoint}; run directory: {run_dir}")
-    return sets, template, seq_len
+    return sets, template
 
 
 def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict:
@@ -92,14 +93,14 @@ def report(result, trainer: PairTrainer, run_dir: Path, what: str, by_family: di
 def run(cfg: RewardConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("reward", cfg, resolved_yaml)
     base = load_sft_base(cfg, "reward", run_dir)
-    sets, template, seq_len = pair_data(cfg, base, run_dir, runtime.is_main)
+    sets, template = pair_data(cfg, base, run_dir, runtime.is_main)
     torch.manual_seed(cfg.train.seed)  # the head's initial weights
     model = ScalarModel(base.model).train()
     spec = TrainSpec(
         command="reward", model=model, objective=BradleyTerryObjective(cfg.loss.margin, cfg.loss.centering),
         train_set=sets.train, val_set=sets.val, run_dir=run_dir,
         meta={**pair_meta(base, "reward", template, model.cfg), "kind": "reward"},
-        flops_per_token=flops_per_token(model.cfg, seq_len), files={"tokenizer.json": run_dir / "tokenizer.json"},
+        flops_per_token=partial(flops_per_token, model.cfg), files={"tokenizer.json": run_dir / "tokenizer.json"},
     )
     trainer = PairTrainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime)
     result = trainer.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 from llmkit.commands.common import inherited_meta, load_trained, report_result, start_run
@@ -44,7 +45,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
         meta={**inherited_meta(meta), "command": "sft",
               "model": dataclasses.asdict(model.cfg), "base": str(base.checkpoint),
               "chat_template": cfg.data.chat_template},
-        flops_per_token=flops_per_token(model.cfg, seq_len),
+        flops_per_token=partial(flops_per_token, model.cfg),
         files={"tokenizer.json": run_dir / "tokenizer.json"},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()

@@ -65,7 +65,7 @@ class TrainSpec:
     val_set: StepDataset | None
     run_dir: Path
     meta: dict[str, Any]  # written into every checkpoint's meta.json (model config, tokenizer, ...)
-    flops_per_token: float = 0.0  # for MFU; 0 hides it
+    flops_per_token: Callable[[int], float] | None = None  # training FLOPs per token at a width T (MFU); None hides it
     files: dict[str, Path] = field(default_factory=dict)  # copied into every checkpoint
     saved_tensors: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None  # default: all weights
 
@@ -287,14 +287,16 @@ class Trainer:
         self.wrapped.train()
         stopped_early = False
         last_saved: Path | None = ckpt.latest_checkpoint(self.ckpt_root)
-        window_start, window_tokens, run_start, run_first_step = time.perf_counter(), 0, time.perf_counter(), self.state.step
+        window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+        run_start, run_first_step = window_start, self.state.step
         try:
             with GracefulStop() as stop:
                 while self.state.step < cfg.max_steps:
-                    tokens = self._step()
+                    tokens, flops = self._step()
                     self.state.step += 1
                     step = self.state.step
                     window_tokens += tokens
+                    window_flops += flops
                     stopping = runtime.agree(stop.requested)  # every process stops after the same step
                     is_log = step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps
                     if not (is_log or step % cfg.save_every == 0 or stopping):
@@ -307,10 +309,10 @@ class Trainer:
                         stopped_early = self._update_early_stopping(val_loss)
                     if is_log:
                         now = time.perf_counter()
-                        tok_s = window_tokens / max(now - window_start, 1e-9)
-                        stats = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
+                        elapsed = max(now - window_start, 1e-9)
+                        stats = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed}
                         if peak:
-                            stats["mfu"] = spec.flops_per_token * tok_s / peak
+                            stats["mfu"] = window_flops / elapsed / peak
                         record = {**stats, "grad_norm": grad_norm, **metrics}
                         if val_loss is not None:
                             record["val_loss"] = val_loss
@@ -319,7 +321,7 @@ class Trainer:
                         rate = (now - run_start) / max(step - run_first_step, 1)
                         self.shown = {**stats, **({"val_loss": val_loss} if val_loss is not None else {})}
                         self.progress.update(step, self.shown, format_duration(rate * (cfg.max_steps - step)), True)
-                        window_start, window_tokens = now, 0
+                        window_start, window_tokens, window_flops = now, 0, 0.0
                     else:
                         self.progress.update(step, self.shown, "", False)
                     done = step == cfg.max_steps or stopped_early or stopping
@@ -359,8 +361,9 @@ class Trainer:
         self.next_batches = (step + 1, self.loader.submit(self._batches, step + 1)) if step + 1 < self.cfg.max_steps else None
         return batches
 
-    def _step(self) -> int:
-        """One optimizer step over the global batch, queued without waiting for the device; returns tokens seen."""
+    def _step(self) -> tuple[int, float]:
+        """One optimizer step over the global batch, queued without waiting for the device; returns the tokens
+        (padding included: it is computed) and model FLOPs of all processes."""
         runtime, spec = self.runtime, self.spec
         cpu_batches = self._next_batches(self.state.step)
         local_targets = sum(spec.objective.count(b) for b in cpu_batches)  # counted on the host: no sync
@@ -386,8 +389,8 @@ class Trainer:
                 runtime.step(self.optimizer)
         self.scheduler.step()
         runtime.zero_grad(self.optimizer)
-        tokens = sum(v.numel() for b in micro_batches for k, v in b.items() if k.endswith("input_ids"))
-        return tokens * runtime.world_size
+        tokens, flops = batch_work(cpu_batches, spec.flops_per_token)
+        return tokens * runtime.world_size, flops * runtime.world_size
 
     def _device_guard(self, bad: torch.Tensor) -> torch.Tensor:
         """Whether to skip this update, decided on the device as `_nonfinite` will decide on the host.
@@ -448,6 +451,18 @@ class Trainer:
         if self.runtime.world_size > 1 and not any(a.startswith("launcher.num_processes=") for a in args):
             command = f"{command}\n(under the same accelerate launch / torchrun command and number of processes)"
         return f"stopped by {signal_name} at step {self.state.step}; checkpoint saved at {saved}.\nResume with: {command}"
+
+
+def batch_work(batches: list[Batch], flops_per_token: Callable[[int], float] | None) -> tuple[int, float]:
+    """Tokens and model FLOPs of micro-batches: each `*input_ids` tensor (B, T) counts B*T tokens at T's FLOPs
+    per token, so the attention term follows each batch's padded width, not the longest allowed."""
+    tokens, flops = 0, 0.0
+    for batch in batches:
+        for key, ids in batch.items():
+            if key.endswith("input_ids"):
+                tokens += ids.numel()
+                flops += ids.numel() * flops_per_token(ids.shape[-1]) if flops_per_token else 0.0
+    return tokens, flops
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

@@ -10,9 +10,9 @@ import torch
 from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
 from llmkit.data.lm import TokenWindows
 from llmkit.model.config import ModelConfig
-from llmkit.model.transformer import Transformer
+from llmkit.model.transformer import Transformer, flops_per_token
 from llmkit.train import checkpoint as ckpt
-from llmkit.train.loop import Trainer, TrainingError, TrainSpec, accumulate, batch_indices
+from llmkit.train.loop import Trainer, TrainingError, TrainSpec, accumulate, batch_indices, batch_work
 from llmkit.train.objectives import IGNORE, CausalLM, unwrap
 from llmkit.train.optim import lr_factor
 from llmkit.train.runtime import setup_runtime
@@ -31,6 +31,18 @@ def padded_batch(rows: list[list[int]], width: int) -> dict[str, torch.Tensor]:
 
 def grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_mfu_counts_each_batch_at_its_own_width():
+    """Short padded batches (SFT, pairs) get the attention FLOPs of their width, not of the longest allowed."""
+    cfg = ModelConfig(vocab_size=64, block_size=256, n_layer=2, n_head=2, d_model=32)
+    short = {"input_ids": torch.zeros(4, 35, dtype=torch.long), "attention_mask": torch.ones(4, 35)}
+    full = {"input_ids": torch.zeros(2, 256, dtype=torch.long)}
+    tokens, flops = batch_work([short, full], lambda width: flops_per_token(cfg, width))
+    assert tokens == 4 * 35 + 2 * 256
+    assert flops == 4 * 35 * flops_per_token(cfg, 35) + 2 * 256 * flops_per_token(cfg, 256)
+    assert flops < tokens * flops_per_token(cfg, 256)
+    assert batch_work([short], None) == (140, 0.0)
 
 
 def test_accumulation_matches_one_big_batch_and_mean_of_means_does_not():
