@@ -64,7 +64,11 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         raise UserError(f"`llmkit {command}` is not built yet in this version; see README.md for what ships") from None
     recipe = args[0] if args and "=" not in args[0] and not args[0].startswith("~") else None
     overrides = args[1:] if recipe else args
-    cfg, resolved_yaml = compose(command, recipe, overrides)
+    try:
+        cfg, resolved_yaml = compose(command, recipe, overrides)
+    except UserError as error:
+        error.same_on_every_process = True  # a launch's processes compose the same arguments: one message is enough
+        raise
     if print_config:
         typer.echo(resolved_yaml, nl=False)
         return 0
@@ -88,17 +92,20 @@ def _report(error: Exception, console) -> int:
 
     if os.environ.get("LLMKIT_DEBUG") == "1":
         console.print_exception()
+    rank = os.environ.get("RANK", "0")
+    where = "" if rank == "0" else f"process {rank}: "  # in a launch of several processes
     if isinstance(error, InterruptedRun):  # every process stopped at the same step: the main one says so
-        if os.environ.get("RANK", "0") == "0":
+        if rank == "0":
             console.print(str(error), markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, UserError):
-        console.print(f"error: {error}", style="red", markup=False, soft_wrap=True)
+        if rank == "0" or not getattr(error, "same_on_every_process", False):  # a later one may be this process's alone
+            console.print(f"{where}error: {error}", style="red", markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, MemoryError):
-        console.print("error: out of memory; lower train.micro_batch_size or the model size", style="red", markup=False, soft_wrap=True)
+        console.print(f"{where}error: out of memory; lower train.micro_batch_size or the model size", style="red", markup=False, soft_wrap=True)
         return 1
-    console.print(f"internal error: {type(error).__name__}: {error} (set LLMKIT_DEBUG=1 for the traceback)",
+    console.print(f"{where}internal error: {type(error).__name__}: {error} (set LLMKIT_DEBUG=1 for the traceback)",
                   style="red", markup=False, soft_wrap=True)
     return 1
 

@@ -145,6 +145,26 @@ def test_bad_pretrain_config_is_refused_before_anything_is_written(args, words, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_launch_of_several_processes_reports_a_config_error_once(cache_dir, tmp_path):
+    """Every process of `accelerate launch` composes the same arguments: only the main one prints their error.
+    An error raised later may be one process's alone: each reports it, the others naming their rank."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    def launched(rank: int, *args: str) -> subprocess.CompletedProcess:
+        env = {**cli_env(cache_dir), "RANK": str(rank), "WORLD_SIZE": "2"}
+        return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    main, other = launched(0, "pretrain", "train.bogus=1"), launched(1, "pretrain", "train.bogus=1")
+    assert_refused(main, "train.bogus")
+    assert other.returncode == 2 and other.stderr == ""
+    other = launched(1, "generate", "run=nowhere")
+    assert other.returncode == 2 and other.stderr.startswith("process 1: error: ") and "nowhere" in other.stderr
+
+
 SAMPLING_CASES = [
     ("top-p-above-one", "sampling.top_p=1.5", ["top_p", "1.5"]),
     ("top-k-zero", "sampling.top_k=0", ["top_k", ">= 1"]),
