@@ -49,7 +49,8 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
         command="peft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "peft", "kind": "adapter",
               "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
-        flops_per_token=partial(flops_per_token, model.cfg), saved_tensors=adapter_state_dict,
+        flops_per_token=partial(flops_per_token, model.cfg, adapter_params=info.trainable_params),
+        saved_tensors=adapter_state_dict,
         files={"tokenizer.json": run_dir / "tokenizer.json", "adapter_config.json": run_dir / "adapter" / "adapter_config.json"},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()

@@ -359,10 +359,14 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int | None = None) -> int:
     """Training FLOPs (forward + backward) per token: 6N + 12*L*T*d, N = count_params(non_embedding=True).
 
     6N covers the weight matmuls (2 forward, 4 backward, lm_head included); 12LTd the attention
     scores and weighted values (not halved for causality, as in the PaLM/nanoGPT MFU convention).
+    PEFT (adapter_params: its trainable parameters): the frozen base computes no weight gradients, so
+    4N + 6 * adapter_params + 12LTd.
     """
-    return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.n_layer * seq_len * cfg.d_model
+    n = count_params(cfg, non_embedding=True)
+    weights = 6 * n if adapter_params is None else 4 * n + 6 * adapter_params
+    return weights + 12 * cfg.n_layer * seq_len * cfg.d_model

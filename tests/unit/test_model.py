@@ -143,6 +143,8 @@ def test_param_count_by_hand():
     cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768, pad_vocab_multiple=1)
     assert count_params(cfg) == 124_439_808
     assert flops_per_token(cfg, 1024) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 1024 * 768
+    # PEFT: the frozen base takes no weight-gradient matmuls (4 FLOPs per parameter), the adapter all 6
+    assert flops_per_token(cfg, 1024, adapter_params=1000) == 4 * (124_439_808 - 1024 * 768) + 6000 + 12 * 12 * 1024 * 768
     # Padded to 50304 rows (the default multiple of 64): 47 more embedding rows, as nanoGPT's 124.48M.
     assert count_params(dataclasses.replace(cfg, pad_vocab_multiple=64)) == 124_439_808 + 47 * 768
 
