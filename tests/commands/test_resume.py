@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import cli_env
@@ -159,3 +160,24 @@ def test_a_doubled_ctrl_c_is_one_request_and_keeps_the_last_good_checkpoint(cli,
     load_file(str(run / "checkpoints" / latest / "model.safetensors"))
     done = cli(*BASE, f"out_dir={run}", "train.resume=auto")
     assert done.returncode == 0, done.stderr
+
+
+def test_bf16_autocast_trains_keeps_fp32_weights_and_resumes_exactly(reference, cli, cache_dir, tmp_path):
+    """train.precision=bf16 (GPU's default) on the CPU: the autocast paths train like fp32, checkpoints hold the
+    fp32 master weights, and a stopped run resumes bit for bit."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = [*BASE, "train.precision=bf16"]
+    assert cli(*args, f"out_dir={straight}").returncode == 0
+    weights = final_weights(straight)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    ours, fp32 = curve(straight), curve(reference)
+    assert ours != fp32  # bf16 matmuls did run
+    assert ours[-1][1] < ours[0][1] and abs(ours[-1][4] - fp32[-1][4]) < 0.05, (ours[-1], fp32[-1])
+    proc = start([*args, f"out_dir={stopped}"], cache_dir, tmp_path)
+    wait_for(lambda: last_logged_step(stopped) >= 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    done = cli(*args, f"out_dir={stopped}", "train.resume=auto")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(stopped, straight)
