@@ -38,9 +38,11 @@ def cli_env(cache: Path) -> dict[str, str]:
 def cli(cache_dir, tmp_path):
     """Run the real `llmkit` CLI in a subprocess (cwd: the test's tmp dir); returns CompletedProcess."""
 
-    def run(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=cwd or tmp_path, env=cli_env(cache_dir),
-                              capture_output=True, text=True, timeout=timeout)
+    def run(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+        """env: variables added to the test environment (e.g. what a launcher sets)."""
+        return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=cwd or tmp_path,
+                              env={**cli_env(cache_dir), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
     return run
 

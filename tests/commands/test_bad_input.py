@@ -145,24 +145,15 @@ def test_bad_pretrain_config_is_refused_before_anything_is_written(args, words, 
     assert not (tmp_path / "run").exists()
 
 
-def test_a_launch_of_several_processes_reports_a_config_error_once(cache_dir, tmp_path):
+def test_a_launch_of_several_processes_reports_a_config_error_once(cli):
     """Every process of `accelerate launch` composes the same arguments: only the main one prints their error.
     An error raised later may be one process's alone: each reports it, the others naming their rank."""
-    import subprocess
-    import sys
-
-    from tests.conftest import cli_env
-
-    def launched(rank: int, *args: str) -> subprocess.CompletedProcess:
-        env = {**cli_env(cache_dir), "RANK": str(rank), "WORLD_SIZE": "2"}
-        return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=120)
-
-    main, other = launched(0, "pretrain", "train.bogus=1"), launched(1, "pretrain", "train.bogus=1")
-    assert_refused(main, "train.bogus")
-    assert other.returncode == 2 and other.stderr == ""
-    other = launched(1, "generate", "run=nowhere")
-    assert other.returncode == 2 and other.stderr.startswith("process 1: error: ") and "nowhere" in other.stderr
+    rank0, rank1 = ({"RANK": str(rank), "WORLD_SIZE": "2"} for rank in (0, 1))
+    assert_refused(cli("pretrain", "train.bogus=1", env=rank0), "train.bogus")
+    done = cli("pretrain", "train.bogus=1", env=rank1)
+    assert done.returncode == 2 and done.stderr == ""
+    done = cli("generate", "run=nowhere", env=rank1)
+    assert done.returncode == 2 and done.stderr.startswith("process 1: error: ") and "nowhere" in done.stderr
 
 
 SAMPLING_CASES = [

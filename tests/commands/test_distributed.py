@@ -160,10 +160,8 @@ def test_fsdp_with_a_padded_vocabulary_matches_one_process(cli, cache_dir, tmp_p
 
 def test_a_deepspeed_launch_llmkit_cannot_run_gives_one_clear_message(cli, cache_dir, tmp_path):
     """What `accelerate launch` puts in the environment for a DeepSpeed config that sets gradient_clipping."""
-    env = {**cli_env(cache_dir), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
-           "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
-    done = subprocess.run([sys.executable, "-m", "llmkit", "pretrain", "tiny/pretrain", f"out_dir={tmp_path / 'ds'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
+    done = cli("pretrain", "tiny/pretrain", f"out_dir={tmp_path / 'ds'}", env=env)
     assert done.returncode == 2
     assert "deepspeed_zero2.yaml" in done.stderr and "Traceback" not in done.stderr
     if importlib.util.find_spec("deepspeed") is None:
