@@ -34,15 +34,20 @@ def cli_env(cache: Path) -> dict[str, str]:
     return env
 
 
+def run_llmkit(cache: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real `llmkit` CLI in a subprocess, in the test environment plus `env` (e.g. what a launcher sets)."""
+    return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=cwd, env={**cli_env(cache), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture
 def cli(cache_dir, tmp_path):
     """Run the real `llmkit` CLI in a subprocess (cwd: the test's tmp dir); returns CompletedProcess."""
 
     def run(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
-        """env: variables added to the test environment (e.g. what a launcher sets)."""
-        return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=cwd or tmp_path,
-                              env={**cli_env(cache_dir), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        return run_llmkit(cache_dir, *args, cwd=cwd or tmp_path, env=env, timeout=timeout)
 
     return run
 
@@ -51,8 +56,7 @@ def cli(cache_dir, tmp_path):
 def tiny_run(cache_dir, tmp_path_factory) -> Path:
     """A finished tiny pretrain run, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    done = subprocess.run([sys.executable, "-m", "llmkit", "pretrain", "tiny/pretrain", f"out_dir={out}"],
-                          env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+    done = run_llmkit(cache_dir, "pretrain", "tiny/pretrain", f"out_dir={out}")
     assert done.returncode == 0, done.stdout + done.stderr
     return out
 
@@ -61,8 +65,7 @@ def tiny_run(cache_dir, tmp_path_factory) -> Path:
 def tiny_sft(tiny_run, cache_dir, tmp_path_factory) -> Path:
     """A finished tiny SFT run on `tiny_run`: the base of the alignment tests (they write beside it)."""
     out = tmp_path_factory.mktemp("align") / "sft"
-    done = subprocess.run([sys.executable, "-m", "llmkit", "sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={out}",
-                           "logger.tensorboard=false"], cwd=out.parent, env=cli_env(cache_dir), capture_output=True,
-                          text=True, timeout=600)
+    done = run_llmkit(cache_dir, "sft", "tiny/sft", f"init_from={tiny_run}", f"out_dir={out}",
+                      "logger.tensorboard=false", cwd=out.parent)
     assert done.returncode == 0, done.stdout + done.stderr
     return out

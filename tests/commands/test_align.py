@@ -3,7 +3,6 @@
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from safetensors.torch import load_file
 
 from llmkit.train import checkpoint as ckpt
 from tests.commands.test_resume import last_logged_step, start, wait_for
-from tests.conftest import cli_env
+from tests.conftest import run_llmkit
 
 # Fields that depend on the machine's speed, not on what the run computed.
 TIMING = ("tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s", "mfu")
@@ -21,16 +20,11 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_cli(cache_dir, cwd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmkit", *args], cwd=cwd, env=cli_env(cache_dir),
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def reward_run(tiny_sft, cache_dir) -> tuple[Path, subprocess.CompletedProcess]:
     out = tiny_sft.parent / "reward"
-    done = run_cli(cache_dir, out.parent, "reward", "tiny/reward", f"init_from={tiny_sft}", f"out_dir={out}",
-                   "logger.tensorboard=false")
+    done = run_llmkit(cache_dir, "reward", "tiny/reward", f"init_from={tiny_sft}", f"out_dir={out}",
+                      "logger.tensorboard=false", cwd=out.parent)
     assert done.returncode == 0, done.stderr
     return out, done
 
@@ -42,7 +36,7 @@ def ppo_args(init: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def ppo_reference(tiny_sft, cache_dir) -> Path:
     out = tiny_sft.parent / "ppo"
-    done = run_cli(cache_dir, out.parent, *ppo_args(tiny_sft, out))
+    done = run_llmkit(cache_dir, *ppo_args(tiny_sft, out), cwd=out.parent)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -75,8 +69,8 @@ def test_reward_model_learns_and_is_saved_as_one(reward_run):
 
 def test_dpo_moves_accuracy_and_margin_the_right_way(tiny_sft, cache_dir):
     out = tiny_sft.parent / "dpo"
-    done = run_cli(cache_dir, out.parent, "dpo", "tiny/dpo", f"init_from={tiny_sft}", f"out_dir={out}",
-                   "logger.tensorboard=false")
+    done = run_llmkit(cache_dir, "dpo", "tiny/dpo", f"init_from={tiny_sft}", f"out_dir={out}",
+                      "logger.tensorboard=false", cwd=out.parent)
     assert done.returncode == 0, done.stderr
     vals = [r for r in records(out) if "val_loss" in r]
     # at the start the policy is its reference: every implicit reward is 0, the loss log 2, the margin 0
@@ -106,9 +100,8 @@ def test_ppo_runs_and_logs_every_iteration(ppo_reference):
 
 def test_ppo_with_a_trained_reward_model_and_its_trunk_as_the_value_model(tiny_sft, reward_run, cache_dir):
     out = tiny_sft.parent / "ppo-rm"
-    done = run_cli(cache_dir, out.parent, *ppo_args(tiny_sft, out, f"reward.model={reward_run[0]}",
-                                                     f"value_from={reward_run[0]}", "train.max_steps=2",
-                                                     "train.eval_every=2"))
+    done = run_llmkit(cache_dir, *ppo_args(tiny_sft, out, f"reward.model={reward_run[0]}", f"value_from={reward_run[0]}",
+                                           "train.max_steps=2", "train.eval_every=2"), cwd=out.parent)
     assert done.returncode == 0, done.stderr
     assert "reward model" in done.stdout
     assert [r["step"] for r in records(out)] == [0, 1, 2]
@@ -133,7 +126,7 @@ def test_ppo_sigkill_then_resume_is_bit_identical(ppo_reference, tiny_sft, cache
     wait_for(lambda: last_logged_step(run) >= 3, proc)  # past the checkpoint of iteration 2
     proc.kill()
     proc.wait()
-    done = run_cli(cache_dir, tmp_path, *ppo_args(tiny_sft, run, "train.resume=auto"))
+    done = run_llmkit(cache_dir, *ppo_args(tiny_sft, run, "train.resume=auto"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
     final = "checkpoints/step_000006"

@@ -14,7 +14,7 @@ import torch
 from tests.commands.test_distributed import FSDP_ARGS as ARGS
 from tests.commands.test_distributed import FSDP_CONFIG, ROOT, accelerate_launch
 from tests.commands.test_resume import curve, final_weights
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_llmkit
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="deepspeed is not installed (`make install` installs it)")
@@ -34,8 +34,7 @@ def losses(run: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def one_process(cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero") / "one"
-    done = subprocess.run([sys.executable, "-m", "llmkit", *ARGS, f"out_dir={out}"], cwd=out.parent,
-                          env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    done = run_llmkit(cache_dir, *ARGS, f"out_dir={out}", cwd=out.parent, timeout=300)
     assert done.returncode == 0, done.stderr
     return out
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_llmkit
 
 BASE = ["pretrain", "tiny/pretrain", "train.max_steps=24", "train.save_every=4", "train.eval_every=4",
         "train.log_every=1", "logger.tensorboard=false"]
@@ -63,8 +63,7 @@ def wait_for(predicate, proc, timeout=120.0) -> None:
 @pytest.fixture(scope="module")
 def reference(cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
-    done = subprocess.run([sys.executable, "-m", "llmkit", *BASE, f"out_dir={out}"], env=cli_env(cache_dir),
-                          capture_output=True, text=True, timeout=600)
+    done = run_llmkit(cache_dir, *BASE, f"out_dir={out}")
     assert done.returncode == 0, done.stderr
     return out
 
