@@ -19,7 +19,7 @@ def main(out: Path) -> None:
     before: dict[str, torch.Tensor] = {}
     step = stop._step
 
-    def remember_then_step() -> int:
+    def remember_then_step() -> tuple[int, float]:
         if stop.state.step == 4:
             before.update({k: v.clone() for k, v in stop.model.state_dict().items()})
         return step()
