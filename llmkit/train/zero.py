@@ -169,4 +169,9 @@ def load_optimizer_state(engine: Any, settings: ZeroSettings, world_size: int, s
                 raise UserError(f"{path}: its optimizer shards do not fit this model's partitions; resume with the "
                                 "same model and trainable parameters, or start a new run from its weights "
                                 "(init_from=<checkpoint>)")
-        inner.load_state_dict(saved["optimizer"])
+        try:
+            inner.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise UserError(f"{path} does not match this run's optimizer ({error}); resume with the same model, "
+                            "optimizer and trainable parameters, or start a new run from its weights "
+                            "(init_from=<checkpoint>)") from None

@@ -2,6 +2,7 @@
 DeepSpeed settings they put in the environment are read (or refused) clearly; the real-scale recipes compose."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -103,6 +104,18 @@ def test_a_deepspeed_launch_without_deepspeed_says_how(env):
     with pytest.raises(UserError, match="ZeRO-3.*deepspeed_zero3.yaml.*pip install deepspeed"):
         zero_settings()
 
+
+
+def test_a_zero_shard_that_does_not_load_names_the_shard_file():
+    """Sizes that fit but a structure the optimizer refuses (here one parameter group instead of two)."""
+    import torch
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(4))]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    engine = SimpleNamespace(optimizer=SimpleNamespace(optimizer=torch.optim.AdamW(groups)))
+    saved = {"zero_stage": 2, "processes": 2,
+             "optimizer": {"state": {}, "param_groups": [{"params": [0], "lr": 1e-3}]}}
+    with pytest.raises(UserError, match=r"ckpt/zero_1\.pt does not match this run's optimizer.*init_from"):
+        zero.load_optimizer_state(engine, ZeroSettings(2), 2, saved, "ckpt/zero_1.pt")
 
 @pytest.mark.parametrize("recipe, expect", [
     ("gpu/gpt2_124m_fineweb_edu", ["name: gpt2_124m", "hub_name: HuggingFaceFW/fineweb-edu", "streaming: true",
