@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.train.runtime import holds_a_shard
+
 IGNORE = -100  # label of positions that are not trained on (prompt, padding)
 
 
@@ -102,8 +104,7 @@ class CausalLM:
         labels = batch["labels"].flatten()
         inner = unwrap(model)
         head, vocab = inner.lm_head, inner.cfg.vocab_size
-        if hasattr(head.weight, "device_mesh") or hasattr(head.weight, "ds_id"):  # FSDP2 (DTensor), ZeRO-3:
-            # lm_head is whole only inside the forward
+        if holds_a_shard(head.weight):  # FSDP2, ZeRO-3: lm_head is whole only inside the forward
             logits = model(batch["input_ids"], **inputs).float()  # (B, T, V)
         else:
             hidden = model(batch["input_ids"], **inputs, return_hidden=True)  # (B, T, d)

@@ -244,6 +244,12 @@ class Runtime:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def holds_a_shard(parameter: torch.Tensor) -> bool:
+    """Whether FSDP2 (a DTensor) or ZeRO-3 (`ds_id`) keeps only this process's shard of `parameter` outside the
+    forward: the whole tensor exists only while the module that owns it runs."""
+    return hasattr(parameter, "device_mesh") or hasattr(parameter, "ds_id")
+
+
 def use_compile(setting: str, device: torch.device) -> bool:
     """train.compile: true | false | auto (on CUDA only: on this project's CPUs the ~40 s compile outweighs
     a +5-13% step speed-up for runs of minutes; see docs/performance.md)."""
