@@ -15,7 +15,7 @@ else
 fi
 step() { echo; echo "=== $*"; }
 
-step tokenize;  llmkit tokenize "${tok[@]}" out_dir="$out/tokens" overwrite=true
+step tokenize;  llmkit tokenize "${tok[@]}" out_dir="$out/tokens"
 step pretrain;  llmkit pretrain $(r pretrain) tokens_dir="$out/tokens" out_dir="$out/pretrain" train.overwrite=true
 step sft;       llmkit sft $(r sft) init_from="$out/pretrain" out_dir="$out/sft" train.overwrite=true
 step reward;    llmkit reward $(r reward) init_from="$out/sft" out_dir="$out/reward" train.overwrite=true

@@ -148,7 +148,6 @@ class TokenizeConfig(RunConfig):
 
     data: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    overwrite: bool = False  # re-tokenise into an out_dir that already holds shards
 
 
 @dataclass
