@@ -283,7 +283,8 @@ class Trainer:
         values a step-by-step read would give.
         """
         cfg, runtime, spec = self.cfg, self.runtime, self.spec
-        peak = measured_peak_flops(runtime.device) * runtime.world_size if spec.flops_per_token else 0.0
+        matmul_dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
+        peak = measured_peak_flops(runtime.device, matmul_dtype) * runtime.world_size if spec.flops_per_token else 0.0
         self.wrapped.train()
         stopped_early = False
         last_saved: Path | None = ckpt.latest_checkpoint(self.ckpt_root)

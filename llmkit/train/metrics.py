@@ -71,20 +71,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def measured_peak_flops(device: torch.device) -> float:
-    """This machine's dense matmul peak (FLOP/s) in the training dtype.
+def measured_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's dense matmul peak (FLOP/s) in the matmul dtype of training (bf16 under autocast; fp32
+    runs as TF32 on CUDA, where llmkit turns it on).
 
     Measured briefly at every start and cached as the best value seen, so a measurement taken
     while the machine was busy does not stick (a low peak would inflate MFU).
     """
     threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{threads}threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{threads}threads"
+    name = where if dtype == torch.float32 else f"{where}-{str(dtype).removeprefix('torch.')}"
     cache = Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "peak_flops.json"
     try:
         table = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         table = {}
-    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.full((size, size), 0.5, device=device, dtype=dtype)  # no RNG use: resume must not shift it
     b = torch.full((size, size), 0.25, device=device, dtype=dtype)
     best = float("inf")

@@ -171,6 +171,8 @@ def test_bf16_autocast_trains_keeps_fp32_weights_and_resumes_exactly(reference, 
     assert {w.dtype for w in weights.values()} == {torch.float32}
     ours, fp32 = curve(straight), curve(reference)
     assert ours != fp32  # bf16 matmuls did run
+    peaks = json.loads((cache_dir / "peak_flops.json").read_text())
+    assert any(name.endswith("-bfloat16") for name in peaks), peaks  # MFU over the bf16 matmul peak
     assert ours[-1][1] < ours[0][1] and abs(ours[-1][4] - fp32[-1][4]) < 0.05, (ours[-1], fp32[-1])
     proc = start([*args, f"out_dir={stopped}"], cache_dir, tmp_path)
     wait_for(lambda: last_logged_step(stopped) >= 6, proc)

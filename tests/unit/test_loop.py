@@ -1,5 +1,6 @@
 """The shared loop's pieces: accumulation normalisation, non-finite guard, checkpoint pruning, schedule."""
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer, flops_per_token
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.loop import Trainer, TrainingError, TrainSpec, accumulate, batch_indices, batch_work
+from llmkit.train.metrics import measured_peak_flops
 from llmkit.train.objectives import IGNORE, CausalLM, unwrap
 from llmkit.train.optim import lr_factor
 from llmkit.train.runtime import setup_runtime
@@ -44,6 +46,15 @@ def test_mfu_counts_each_batch_at_its_own_width():
     assert flops < tokens * flops_per_token(cfg, 256)
     assert batch_work([short], None) == (140, 0.0)
 
+
+
+def test_the_mfu_peak_is_measured_and_cached_per_matmul_dtype(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path))
+    fp32 = measured_peak_flops(torch.device("cpu"))
+    bf16 = measured_peak_flops(torch.device("cpu"), torch.bfloat16)
+    cached = json.loads((tmp_path / "peak_flops.json").read_text())
+    name = f"cpu-{torch.get_num_threads()}threads"
+    assert cached == {name: fp32, f"{name}-bfloat16": bf16} and fp32 > 0 and bf16 > 0
 
 def test_accumulation_matches_one_big_batch_and_mean_of_means_does_not():
     torch.manual_seed(0)
