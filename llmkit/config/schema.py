@@ -29,7 +29,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW with decoupled weight decay on weight matrices (never on norms or biases)."""
+    """AdamW (fused where available) or SGD; weight decay on weight matrices only (never on norms or biases)."""
 
     name: str = "adamw"
     lr: float = 1e-3

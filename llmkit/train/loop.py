@@ -1,4 +1,4 @@
-"""The shared supervised loop: pretrain, sft, peft and reward differ only by data and objective.
+"""The shared supervised loop: pretrain, sft, peft, reward and dpo differ only by data and objective.
 
 The loop owns gradient accumulation (loss normalised by the number of targets across all
 micro-batches and processes), clipping, the LR schedule, evaluation, early stopping,
