@@ -1,9 +1,11 @@
 """Activation checkpointing: peak memory and step time with and without it, one fresh process per variant.
 
-    python scripts/bench_memory.py [--model conf/model/gpt2_14m.yaml] [--batch 8] [--seq 256] [--steps 6]
+    python scripts/bench_memory.py [--model conf/model/gpt2_14m.yaml] [--batch 8] [--seq 256] [--steps 6] [--loss plain]
 
 Each variant runs in its own subprocess (so one's peak cannot hide the other's): the model, AdamW, then
 `--steps` timed training steps (forward, backward, optimizer) after one warm-up step, on CPU with one thread.
+The loss is what `llmkit pretrain` computes by default (`--loss fused`: lm_head and cross-entropy in chunks, no
+(B, T, V) logits); `--loss plain` builds the full logits (`train.fused_loss=false`).
 Peak memory is the process's maximum resident set size (`resource.getrusage`); "training peak" subtracts the
 peak reached before the first step (Python, torch, model, optimizer). A benchmark script, not a test.
 """
@@ -34,6 +36,7 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     from llmkit.config.schema import OptimConfig
     from llmkit.model.config import ModelConfig
     from llmkit.model.transformer import Transformer
+    from llmkit.train.objectives import CausalLM
     from llmkit.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
@@ -41,14 +44,15 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     model = Transformer(ModelConfig(**yaml.safe_load(Path(args.model).read_text()))).train()
     model.activation_checkpointing = args.checkpointing
     optimizer = build_optimizer(model, OptimConfig(), "cpu")
-    vocab = model.cfg.vocab_size
-    x = torch.randint(vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    objective = CausalLM(fused=args.loss == "fused")
+    x = torch.randint(model.cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
     before = max_rss_mb()
     times = []
     for step in range(args.steps + 1):
         start = time.perf_counter()
-        logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), x[:, 1:].reshape(-1))
+        loss_sum, _ = objective(model, batch)
+        loss = loss_sum / batch["labels"].numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loss", choices=["fused", "plain"], default="fused", help="train.fused_loss true / false")
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -73,8 +78,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     common = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-              "--threads", str(args.threads)]
-    env_note = f"{Path(args.model).stem}, batch {args.batch} x {args.seq}, {args.threads} thread(s), {args.steps} steps"
+              "--threads", str(args.threads), "--loss", args.loss]
+    env_note = (f"{Path(args.model).stem}, batch {args.batch} x {args.seq}, {args.loss} loss, {args.threads} thread(s), "
+                f"{args.steps} steps")
     print(f"activation checkpointing: {env_note}")
     print(f"{'variant':<10} {'peak RSS':>10} {'before steps':>13} {'training peak':>14} {'step (median)':>14}")
     results = {}
