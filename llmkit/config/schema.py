@@ -17,6 +17,8 @@ from llmkit.model.config import ModelConfig
 from llmkit.peft.config import PeftConfig
 from llmkit.tokenizer.config import TokenizerConfig
 
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when a GPU is visible, else the CPU
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -107,7 +109,7 @@ class TrainConfig:
         _check(self.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.device", self.device, DEVICES)
         self.compile = str(self.compile).lower()  # True / False -> 'true' / 'false'
         _choice("train.compile", self.compile, ("auto", "true", "false"))
         _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
@@ -208,6 +210,8 @@ class SamplingConfig:
         _check(self.temperature >= 0, f"sampling.temperature must be >= 0 (0 is greedy), got {self.temperature}")
         _check(self.top_k is None or self.top_k >= 1, f"sampling.top_k must be >= 1 or null, got {self.top_k}")
         _check(self.top_p is None or 0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        _check(all(self.stop), f"sampling.stop holds an empty string, which would stop every answer at once: "
+                               f"{list(self.stop)!r}; remove it")
 
 
 @dataclass
@@ -223,7 +227,10 @@ class GenerateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stream: bool = True  # print tokens as they come (single prompt)
     compile: bool = False  # torch.compile the one-token decode step: ~15 s to compile on CPU, then 1.2-1.4x at batch 1
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
 
 
 @dataclass
@@ -241,9 +248,10 @@ class EvaluateConfig:
     batch_size: int = 8
     max_batches: int | None = None  # perplexity: None scores the whole split
     output: str | None = None  # a JSON file for the results; None: <first run>/eval.json
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
         _choice("heldout", self.heldout, ("run", "data"))
         _check(len(self.runs) > 0, "runs must name at least one run or checkpoint")
         _check(self.perplexity or len(self.tasks) > 0, "nothing to evaluate: set perplexity=true or tasks=[...]")

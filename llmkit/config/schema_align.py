@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmkit.config.schema import ROOTS, LoggerConfig, OptimConfig, RunConfig, SchedConfig, TrainConfig
+from llmkit.config.schema import (
+    DEVICES,
+    ROOTS,
+    LoggerConfig,
+    OptimConfig,
+    RunConfig,
+    SchedConfig,
+    TrainConfig,
+)
 from llmkit.data.tinyworld import FAMILIES
 from llmkit.errors import UserError
 from llmkit.tokenizer.chat import load_template
@@ -255,7 +263,7 @@ class PPOTrainConfig:
         _check(self.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.device", self.device, DEVICES)
         _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
 
 

@@ -292,7 +292,8 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     from accelerate import Accelerator
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or device=cpu")
+        raise UserError("train.device=cuda was asked for but no CUDA GPU is visible; use train.device=auto or "
+                        "train.device=cpu")
     zero_cfg = deepspeed_zero.zero_settings()
     fsdp = fsdp_settings()
     use_cpu = device == "cpu" or not torch.cuda.is_available()

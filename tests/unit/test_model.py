@@ -241,3 +241,11 @@ def test_sdpa_gets_the_causal_fast_path_without_a_mask(monkeypatch):
     calls.clear()
     model(tokens, attention_mask=torch.ones_like(tokens))
     assert calls and all(c == (False, False) for c in calls)
+
+
+@pytest.mark.parametrize("field, value", [("n_kv_head", -1), ("n_kv_head", 0), ("d_ff", -5), ("init_std", -1.0),
+                                          ("norm_eps", -1.0), ("rope_theta", 0.0), ("dropout", 1.0)])
+def test_out_of_range_model_settings_are_refused_naming_the_key(field, value):
+    """Each of these used to reach torch (a negative dimension, a NaN loss blamed on the learning rate)."""
+    with pytest.raises(UserError, match=rf"model\.{field} must be"):
+        ModelConfig(**{field: value, "pos": "rope"})
