@@ -108,12 +108,13 @@ def load_fewshot_pool(task: TaskSpec) -> list[Example]:
 
 
 def _prompt(task: TaskSpec, example: Example) -> str:
-    import jinja2
+    from llmkit.tokenizer.chat import describe_template_error
 
     try:
         return compile_template(task.prompt, str(task.path)).render(**example.record)
-    except jinja2.TemplateError as e:
-        raise UserError(f"{example.where}: the prompt of {task.path} failed on this record: {e}") from None
+    except Exception as e:  # the template is the user's code: any error in it (a TypeError too) is theirs to fix
+        raise UserError(f"{example.where}: the prompt of {task.path} failed on this record: "
+                        f"{describe_template_error(e)}") from None
 
 
 def _references(task: TaskSpec, example: Example) -> list[str]:

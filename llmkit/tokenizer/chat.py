@@ -150,9 +150,14 @@ def _render(compiled: jinja2.Template, messages: list[dict], *, add_generation_p
     try:
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                eos_token=eos_token, bos_token=bos_token)
-    except jinja2.exceptions.TemplateError as e:
+    except Exception as e:  # the template is the user's code: any error in it (a TypeError too) is theirs to fix
         where = f" on {location}" if location else ""
-        raise UserError(f"chat template failed{where}: {e}") from e
+        raise UserError(f"chat template failed{where}: {describe_template_error(e)}") from e
+
+
+def describe_template_error(error: Exception) -> str:
+    """A template's error for a message: its own text, or the Python error's type and text."""
+    return str(error) if isinstance(error, jinja2.exceptions.TemplateError) else f"{type(error).__name__}: {error}"
 
 
 def render_prompt(messages: list[dict], template: str, add_generation_prompt: bool = True, *,

@@ -134,6 +134,9 @@ def test_templates_that_cannot_teach_stopping_are_refused(tok, tmp_path):
         resolve_template(str(tmp_path))
     with pytest.raises(UserError, match="syntax error"):
         render_prompt(CONVERSATION, "{% for m in messages %}")
+    with pytest.raises(UserError, match="chat template failed on data.jsonl:3: TypeError"):  # an error at run time
+        encode_chat(tok, CONVERSATION, "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", eos_token=EOS,
+                    location="data.jsonl:3")
 
 
 @pytest.mark.parametrize("messages, match", [

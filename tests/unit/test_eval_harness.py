@@ -100,6 +100,10 @@ def test_file_records_are_checked(tmp_path):
     task = load_task(write(tmp_path / "task.yaml", QA_YAML))  # qa.jsonl is found beside the YAML
     with pytest.raises(UserError, match=r"qa.jsonl:2: record has no field 'a'"):
         load_examples(task)
+    write(tmp_path / "qa.jsonl", '{"q": "x?", "a": "y"}\n')
+    adds = load_task(write(tmp_path / "adds.yaml", QA_YAML.replace("{{ q }}", "{{ q + 1 }}")))  # fails at run time
+    with pytest.raises(UserError, match=r"qa.jsonl:1: the prompt of .*adds.yaml failed on this record: TypeError"):
+        build_queries(adds)
 
 
 def test_hub_source_is_imported_lazily(tmp_path, monkeypatch):
