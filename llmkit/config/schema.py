@@ -14,7 +14,7 @@ from llmkit.data.config import CorpusConfig
 from llmkit.data.sft_config import SFTDataConfig
 from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
-from llmkit.peft.config import PeftConfig
+from llmkit.peft.config import MERGEABLE, PeftConfig
 from llmkit.tokenizer.config import TokenizerConfig
 
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when a GPU is visible, else the CPU
@@ -192,6 +192,9 @@ class PeftRunConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         _choice("objective", self.objective, ("sft", "lm"))
+        _check(not self.merge or self.peft.method in MERGEABLE,
+               f"merge=true: peft={self.peft.method} cannot be merged into plain weights (only {', '.join(MERGEABLE)}); "
+               "drop merge=true: generate and evaluate load the base with its adapter")
 
 
 @dataclass

@@ -26,12 +26,11 @@ from torch import Tensor, nn
 from llmkit.errors import UserError
 from llmkit.model.transformer import Transformer
 from llmkit.peft.adapters import add_bias_delta, add_bottleneck_adapters, add_ia3, merged_hooked_linear
-from llmkit.peft.config import TARGET_SHORTCUTS, TARGETED_METHODS, PeftConfig
+from llmkit.peft.config import MERGEABLE, TARGET_SHORTCUTS, TARGETED_METHODS, PeftConfig
 from llmkit.peft.lora import DoRALinear, LoRALinear
 from llmkit.peft.nf4 import NF4Linear, QLoRALinear, nf4_memory
 from llmkit.peft.prefix import PrefixTuning, PromptTuning
 
-MERGEABLE = ("lora", "dora", "qlora", "ia3", "bitfit")
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_FORMAT = 1
@@ -234,7 +233,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = peft_state(model)
     if state.cfg.method not in MERGEABLE:
         raise UserError(f"peft.method={state.cfg.method} cannot be merged into plain weights (only "
-                        f"{', '.join(MERGEABLE)}); use the base with its adapter (load_adapter) instead")
+                        f"{', '.join(MERGEABLE)}); generate and evaluate load the base with its adapter instead")
     adapter_keys = set(state.adapter_keys)
     out = {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
     for name, module in model.named_modules():

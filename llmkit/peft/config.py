@@ -9,6 +9,8 @@ from llmkit.errors import UserError
 METHODS = ("lora", "dora", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3")
 # Methods placed on individual linear layers chosen by `targets`; the others ignore targets.
 TARGETED_METHODS = ("lora", "dora", "qlora", "bitfit", "ia3")
+# Methods whose adapted model equals a plain Transformer with changed weights (`merge=true`).
+MERGEABLE = ("lora", "dora", "qlora", "ia3", "bitfit")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 # Shortcuts a target may name instead of a linear layer's leaf name.

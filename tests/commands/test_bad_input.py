@@ -145,6 +145,11 @@ def test_bad_pretrain_config_is_refused_before_anything_is_written(args, words, 
     assert not (tmp_path / "run").exists()
 
 
+def test_merging_a_method_that_cannot_merge_is_refused_before_training(cli, tmp_path):
+    assert_refused(cli("peft", "tiny/peft", "peft=prefix", "merge=true", "out_dir=run"),
+                   "merge=true", "peft=prefix", "drop merge=true")
+    assert not (tmp_path / "run").exists()
+
 def test_a_launch_of_several_processes_reports_a_config_error_once(cli):
     """Every process of `accelerate launch` composes the same arguments: only the main one prints their error.
     An error raised later may be one process's alone: each reports it, the others naming their rank."""
