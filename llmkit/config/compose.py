@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,7 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
         except UserError:
             raise
         except Exception as error:  # Hydra/OmegaConf raise many types; each becomes one message
-            raise UserError(_explain(error, root_type)) from None
+            raise UserError(_explain(error, root_type, recipe)) from None
         finally:
             GlobalHydra.instance().clear()
     return typed, OmegaConf.to_yaml(cfg)
@@ -105,7 +104,7 @@ def _recipe_override(recipe: str, recipes_dir: Path, scratch: Path) -> tuple[str
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         (scratch / "user").mkdir()
-        shutil.copy(path, scratch / "user" / "recipe.yaml")
+        (scratch / "user" / "recipe.yaml").write_text(_checked_recipe_text(path))
         return "user", "recipe"
     if path.suffix in (".yaml", ".yml"):
         raise UserError(f"recipe file {recipe} does not exist")
@@ -117,6 +116,29 @@ def _recipe_override(recipe: str, recipes_dir: Path, scratch: Path) -> tuple[str
         raise UserError(f"unknown recipe {recipe!r}; {hint}shipped recipes: {', '.join(known)} (or give a .yaml path)")
     group, option = name.rsplit("/", 1)
     return group, option
+
+
+def _checked_recipe_text(path: Path) -> str:
+    """A user's recipe file, checked to be a YAML mapping; `# @package _global_` is added when it has no package
+    line, so that `train: {max_steps: 3}` sets train.max_steps as in the shipped recipes."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        content = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"recipe file {path} cannot be read: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"recipe file {path}{where}: not valid YAML ({problem})") from None
+    if content is not None and not isinstance(content, dict):
+        raise UserError(f"recipe file {path} must be a mapping of config keys (train:, model:, ...), "
+                        f"not a {type(content).__name__}")
+    if not any(line.lstrip("# ").startswith("@package") for line in text.splitlines() if line.startswith("#")):
+        text = "# @package _global_\n" + text
+    return text
 
 
 def schema_keys(root: type, prefix: str = "") -> list[str]:
@@ -136,7 +158,15 @@ def schema_keys(root: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(error: Exception, root_type: type) -> str:
+def _unknown_key(key: str, root_type: type, where: str = "") -> str:
+    keys = schema_keys(root_type)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    siblings = [k for k in keys if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] and "." in key]
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(siblings or keys[:30])}"
+    return f"unknown config key '{key}'{where}; {hint}"
+
+
+def _explain(error: Exception, root_type: type, recipe: str | None = None) -> str:
     """One clear line for a Hydra/OmegaConf composition failure."""
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -144,21 +174,23 @@ def _explain(error: Exception, root_type: type) -> str:
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        keys = schema_keys(root_type)
-        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-        siblings = [k for k in keys if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] and "." in key]
-        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(siblings or keys[:30])}"
-        return f"unknown config key '{key}'; {hint}"
+        return _unknown_key(key, root_type)
     if isinstance(cause, ValidationError) and key:
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
+        if "is not a ListConfig" in first:
+            return f"bad value for '{key}': it takes a list, e.g. '{key}=[first,second]' (one item: '{key}=[item]')"
         return f"bad value for '{key}': {first}"
     text = str(error)
-    if "full_key:" in text:  # a validation failure Hydra reports without a cause
+    if "full_key:" in text:  # a failure inside a config file (a recipe, a conf/ group), which Hydra names first
         lines = [line.strip() for line in text.splitlines()]
         key = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:"))
         reason = next((line for line in lines[1:] if line and not line.startswith(("full_key", "object_type",
                                                                                          "reference_type"))), "")
-        return f"bad value for '{key}': {reason}"
+        source = text.split("'", 2)[1] if text.startswith("In '") else None
+        where = f" in {recipe}" if source in ("user/recipe", recipe) else f" in {source}.yaml" if source else ""
+        if "ConfigKeyError" in text:
+            return _unknown_key(key, root_type, where)
+        return f"bad value for '{key}'{where}: {reason}"
     if isinstance(error, MissingConfigException):
         text = str(error)
         missing = text.split("Could not find '", 1)[-1].split("'", 1)[0]

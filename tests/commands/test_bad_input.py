@@ -145,6 +145,28 @@ def test_bad_pretrain_config_is_refused_before_anything_is_written(args, words, 
     assert not (tmp_path / "run").exists()
 
 
+RECIPE_FILE_CASES = [
+    ("typo", "# @package _global_\ntrain:\n  max_step: 3\n",
+     ["unknown config key 'train.max_step' in my.yaml", "did you mean train.max_steps"]),
+    ("bad-value", "# @package _global_\ntrain:\n  max_steps: abc\n", ["'train.max_steps' in my.yaml", "'abc'"]),
+    ("broken-yaml", "# @package _global_\ntrain:\n  max_steps: [3\n", ["my.yaml line 4", "not valid YAML"]),
+    ("a-list", "- train\n- model\n", ["my.yaml must be a mapping of config keys", "not a list"]),
+]
+
+
+@pytest.mark.parametrize("text,words", [c[1:] for c in RECIPE_FILE_CASES], ids=[c[0] for c in RECIPE_FILE_CASES])
+def test_a_bad_recipe_file_is_refused_naming_it(text, words, cli, tmp_path):
+    (tmp_path / "my.yaml").write_text(text)
+    assert_refused(cli("pretrain", "my.yaml", "out_dir=run"), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_file_without_a_package_line_sets_global_keys_and_lists_want_brackets(cli, tmp_path):
+    (tmp_path / "my.yaml").write_text("train:\n  max_steps: 7\n")
+    done = cli("pretrain", "my.yaml", "--print-config")
+    assert done.returncode == 0 and "max_steps: 7" in done.stdout, done.stderr
+    assert_refused(cli("evaluate", "runs=runs/pt"), "'runs'", "takes a list", "'runs=[item]'")
+
 def test_merging_a_method_that_cannot_merge_is_refused_before_training(cli, tmp_path):
     assert_refused(cli("peft", "tiny/peft", "peft=prefix", "merge=true", "out_dir=run"),
                    "merge=true", "peft=prefix", "drop merge=true")
