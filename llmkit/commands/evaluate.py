@@ -77,7 +77,7 @@ def run(cfg: EvaluateConfig, resolved_yaml: str) -> int:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    output = Path(cfg.output) if cfg.output else Path(results[0]["checkpoint"]).parent.parent / "eval.json"
+    output = Path(cfg.output) if cfg.output else _run_of(Path(results[0]["checkpoint"])) / "eval.json"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
@@ -85,6 +85,11 @@ def run(cfg: EvaluateConfig, resolved_yaml: str) -> int:
         raise UserError(f"cannot write {output} ({error.strerror}); set output=<path>") from None
     print(f"wrote {output}")
     return 0
+
+
+def _run_of(checkpoint: Path) -> Path:
+    """The run directory holding `<run>/checkpoints/step_N`; a checkpoint or adapter kept elsewhere is its own."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
 def _perplexity_table(results: list[dict]) -> Table:

@@ -37,6 +37,9 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(cli, tiny_run, tmp_path
     assert done.returncode == 0, done.stderr
     losses = [r["perplexity"]["loss"] for r in json.loads(out.read_text())]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4) and losses[0] == pytest.approx(losses[2], abs=1e-6)
+    before = out.read_text()  # an adapter's results go beside it, never two levels up (here: over `out`)
+    assert cli("evaluate", f"runs=[{run / 'adapter'}]", "max_batches=1").returncode == 0
+    assert (run / "adapter" / "eval.json").is_file() and out.read_text() == before
     done = cli("generate", f"run={run}", "prompt=What is 2 + 3?", "sampling.max_new_tokens=4")
     assert done.returncode == 0, done.stderr
 
