@@ -99,7 +99,7 @@ def _report(error: Exception, console) -> int:
             console.print(str(error), markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, UserError):
-        if rank == "0" or not getattr(error, "same_on_every_process", False):  # a later one may be this process's alone
+        if rank == "0" or not error.same_on_every_process:  # a later one may be this process's alone
             console.print(f"{where}error: {error}", style="red", markup=False, soft_wrap=True)
         return error.exit_code
     if isinstance(error, MemoryError):

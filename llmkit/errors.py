@@ -8,6 +8,13 @@ class UserError(Exception):
     """
 
     exit_code = 2
+    same_on_every_process = False  # True: every process of a launch meets it alike, so only the main one prints it
+
+
+class SettingsError(UserError):
+    """Settings that do not fit together, found after composition (every process of a launch finds the same)."""
+
+    same_on_every_process = True
 
 
 class InterruptedRun(Exception):

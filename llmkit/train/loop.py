@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
-from llmkit.errors import InterruptedRun, UserError
+from llmkit.errors import InterruptedRun, SettingsError, UserError
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.metrics import MetricsLogger, format_duration, measured_peak_flops
 from llmkit.train.optim import build_optimizer, build_scheduler
@@ -148,7 +148,7 @@ class Trainer:
         self.spec, self.cfg, self.runtime = spec, cfg, runtime
         per_rank, remainder = divmod(cfg.batch_size, runtime.world_size)
         if remainder or per_rank % cfg.micro_batch_size:
-            raise UserError(f"train.batch_size={cfg.batch_size} must split evenly into processes ({runtime.world_size}) "
+            raise SettingsError(f"train.batch_size={cfg.batch_size} must split evenly into processes ({runtime.world_size}) "
                             f"x micro-batches of train.micro_batch_size={cfg.micro_batch_size}")
         self.per_rank = per_rank
         self.model = spec.model.to(runtime.device)

@@ -64,3 +64,20 @@ def test_schema_surface_is_deliberate():
     for key in ("out_dir", "train.max_steps", "train.seed", "train.save_every", "train.eval_every", "train.resume",
                 "model.n_layer", "data.source", "optim.lr", "sched.warmup_steps", "tokenizer.vocab_size"):
         assert key in keys
+
+
+def test_an_error_every_process_meets_is_printed_by_the_main_process_only(monkeypatch):
+    from rich.console import Console
+
+    from llmkit.cli import _report
+    from llmkit.errors import SettingsError, UserError
+
+    console = Console(record=True, width=200)
+    monkeypatch.setenv("RANK", "1")
+    assert _report(SettingsError("train.batch_size=6 must split evenly"), console) == 2
+    assert console.export_text() == ""
+    assert _report(UserError("no such file"), console) == 2
+    assert console.export_text() == "process 1: error: no such file\n"
+    monkeypatch.setenv("RANK", "0")
+    assert _report(SettingsError("train.batch_size=6 must split evenly"), console) == 2
+    assert console.export_text() == "error: train.batch_size=6 must split evenly\n"

@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
 from llmkit.data.lm import TokenWindows
+from llmkit.errors import SettingsError
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer, flops_per_token
 from llmkit.train import checkpoint as ckpt
@@ -112,6 +114,13 @@ def make_trainer(tmp_path: Path, objective, **train):
     return Trainer(spec, cfg, OptimConfig(lr=1e-2), SchedConfig(warmup_steps=0), LoggerConfig(tensorboard=False,
                    progress=False), setup_runtime("cpu"))
 
+
+def test_a_batch_that_does_not_split_over_the_processes_is_a_settings_error():
+    """Every process finds it alike, so the CLI prints it once (test_cli)."""
+    two_processes = SimpleNamespace(world_size=2)
+    cfg = TrainConfig(batch_size=6, micro_batch_size=2)
+    with pytest.raises(SettingsError, match=r"train.batch_size=6 must split evenly into processes \(2\)"):
+        Trainer(None, cfg, OptimConfig(), SchedConfig(), LoggerConfig(), two_processes)
 
 def test_nonfinite_loss_stops_with_parameters_untouched(tmp_path):
     trainer = make_trainer(tmp_path, PoisonAt({5}))
