@@ -104,8 +104,9 @@ def batch_indices(dataset: StepDataset, global_batch: int, seed: int, step: int)
     while True:
         per_epoch = dataset.num_examples(epoch) // global_batch
         if per_epoch == 0:
-            raise UserError(f"the training data has {dataset.num_examples(epoch)} examples, fewer than one batch "
-                            f"(train.batch_size={global_batch}); use more data or a smaller batch")
+            raise UserError(f"the training data gives {dataset.num_examples(epoch)} rows (token windows, examples or "
+                            f"packed rows), fewer than one batch (train.batch_size={global_batch}); use more data, a "
+                            "smaller train.batch_size, or data.packing=false where examples are packed")
         if step < first + per_epoch:
             break
         first += per_epoch

@@ -11,7 +11,7 @@ import torch
 
 from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
 from llmkit.data.lm import TokenWindows
-from llmkit.errors import SettingsError
+from llmkit.errors import SettingsError, UserError
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer, flops_per_token
 from llmkit.train import checkpoint as ckpt
@@ -164,6 +164,8 @@ def test_batches_cover_each_epoch_without_overlap():
     assert sorted(seen) == list(range(40))
     epoch, _ = batch_indices(data, 4, 7, 10)
     assert epoch == 1
+    with pytest.raises(UserError, match=r"gives 40 rows .* fewer than one batch \(train.batch_size=64\).*data.packing"):
+        batch_indices(data, 64, 7, 0)
 
 
 def test_pruning_keeps_last_k_and_best_and_latest(tmp_path):
