@@ -1,4 +1,4 @@
-"""Corpus -> tokenizer + token shards, with a progress bar; cached by content of the config."""
+"""Corpus -> tokenizer + token shards, with a progress bar; cached by the config and what local files hold."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,14 +15,27 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from llmkit.data.config import CorpusConfig
 from llmkit.data.embedded import cache_dir
 from llmkit.data.shards import META_FILE, ShardStats, write_token_shards
-from llmkit.data.sources import iter_documents
+from llmkit.data.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, iter_documents, list_data_files
 from llmkit.tokenizer.config import TokenizerConfig
 
 
 def cached_tokens_dir(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> Path:
-    """Where the shards of this exact corpus + tokenizer config are cached."""
-    key = json.dumps({"data": dataclasses.asdict(corpus), "tokenizer": dataclasses.asdict(tokenizer)}, sort_keys=True)
-    return cache_dir() / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    """Where the shards of this exact corpus + tokenizer are cached: the configs plus what local files hold.
+
+    Local data files count by resolved path, size and mtime_ns (a stat each: a corpus can be gigabytes, too much
+    to read on every run just to find its cache; any rewrite changes the mtime). A tokenizer.json counts by the
+    sha256 of its bytes (small, and its content, not where a checkpoint keeps it, decides the token ids).
+    """
+    from llmkit.tokenizer.bpe import tokenizer_file
+
+    key: dict[str, Any] = {"data": dataclasses.asdict(corpus), "tokenizer": dataclasses.asdict(tokenizer)}
+    if corpus.source == "files":
+        found = ((p.resolve(), p.stat()) for p in list_data_files(corpus.path, TEXT_SUFFIXES + RECORD_SUFFIXES))
+        key["files"] = [[str(path), stat.st_size, stat.st_mtime_ns] for path, stat in found]
+    if tokenizer.path:
+        key["tokenizer_sha256"] = hashlib.sha256(tokenizer_file(tokenizer.path).read_bytes()).hexdigest()
+    text = json.dumps(key, sort_keys=True)
+    return cache_dir() / "tokens" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path | None = None,

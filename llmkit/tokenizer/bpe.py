@@ -79,10 +79,8 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     return file
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json (``path`` is the file or a directory holding it); UserError if absent or corrupt."""
-    from tokenizers import Tokenizer
-
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json that ``path`` names (the file or a directory holding it); UserError if there is none."""
     file = Path(path).expanduser()
     if file.is_dir():
         file = file / TOKENIZER_FILE
@@ -90,6 +88,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(
             f"no tokenizer at {file}: run `llmkit tokenize` to train one, or point tokenizer.path at a tokenizer.json"
         )
+    return file
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json (``path`` is the file or a directory holding it); UserError if absent or corrupt."""
+    from tokenizers import Tokenizer
+
+    file = tokenizer_file(path)
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for JSON and schema errors
