@@ -7,26 +7,33 @@ from pathlib import Path
 from llmkit.config.schema import TokenizeConfig
 from llmkit.data.prepare import describe, prepare_tokens
 from llmkit.errors import UserError
-from llmkit.train.rundir import prepare_run_dir, run_started
+from llmkit.train.rundir import default_out_dir, point_latest, run_started
 
 SHARD_FILES = {"config.yaml", "tokenizer.json", "train.bin", "val.bin", "meta.json"}
 
 
 def run(cfg: TokenizeConfig, resolved_yaml: str) -> int:
-    if cfg.out_dir:
-        _refuse_other_runs(Path(cfg.out_dir))
-    out, _ = prepare_run_dir("tokenize", cfg.out_dir, cfg.name, resolved_yaml, resume="never", overwrite=True)
-    (out / "meta.json").unlink(missing_ok=True)  # re-tokenising a directory: incomplete until the end
-    _, stats = prepare_tokens(cfg.data, cfg.tokenizer, out_dir=out)
+    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir("tokenize", cfg.name)
+    _refuse_what_is_not_shards(out)
+    # built beside and swapped in when complete: a failure leaves earlier shards and their config.yaml as they were
+    _, stats = prepare_tokens(cfg.data, cfg.tokenizer, out_dir=out, files={"config.yaml": resolved_yaml})
+    point_latest(out, "tokenize")
     print(f"tokenized: {describe(stats)}")
     print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
     print(f"next: llmkit pretrain tokens_dir={out}")
     return 0
 
 
-def _refuse_other_runs(path: Path) -> None:
-    """Re-tokenising replaces earlier shards, but never a training run (its checkpoints would be lost)."""
-    if not (path / "config.yaml").is_file() or not run_started(path):
+def _refuse_what_is_not_shards(path: Path) -> None:
+    """Re-tokenising replaces earlier shards, but never a training run (its checkpoints would be lost) nor
+    anything else a user keeps there."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a directory; choose another out_dir=")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
+    if not run_started(path):
         return
     other = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.name not in SHARD_FILES)
     if other:

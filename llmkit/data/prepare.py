@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from llmkit.data.config import CorpusConfig
 from llmkit.data.embedded import cache_dir
 from llmkit.data.shards import META_FILE, ShardStats, write_token_shards
 from llmkit.data.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, iter_documents, list_data_files
+from llmkit.errors import UserError
 from llmkit.tokenizer.config import TokenizerConfig
 
 
@@ -39,10 +44,13 @@ def cached_tokens_dir(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> Path:
 
 
 def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path | None = None,
-                   console: Console | None = None) -> tuple[Path, ShardStats | None]:
+                   console: Console | None = None, files: dict[str, str] | None = None
+                   ) -> tuple[Path, ShardStats | None]:
     """Train (or load) the tokenizer and encode the corpus into `out_dir` (default: the cache).
 
-    Returns (directory, stats); stats is None when a complete cached copy was reused.
+    The shards and `files` (name -> text, e.g. a config.yaml) are written into a sibling directory that replaces
+    `out_dir` only once complete: a failure leaves what was there untouched. Returns (directory, stats); stats is
+    None when a complete cached copy was reused.
     """
     from llmkit.tokenizer.bpe import load_tokenizer, token_id, train_bpe
 
@@ -59,25 +67,48 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
                                   tok_cfg.min_frequency, tok_cfg.split_digits)
         console.print(f"trained tokenizer: {tokenizer.get_vocab_size()} tokens")
     eos_id = token_id(tokenizer, tok_cfg.eos_token, "tokenizer.eos_token")
-    # The cache is filled beside and renamed into place; a user's out_dir (it holds the run's config.yaml) is
-    # written in place: write_token_shards writes meta.json last, so readers never see a half-written directory.
-    tmp = target if out_dir is not None else target.with_name(target.name + ".partial")
-    if out_dir is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    with Progress(TextColumn("encoding"), BarColumn(), TextColumn("{task.fields[docs]} docs, {task.fields[mb]:.1f} MB"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("encode", total=None, docs=0, mb=0.0)
-        stats = write_token_shards(
-            iter_documents(corpus), tokenizer, tmp, val_fraction=corpus.val_fraction, eos_id=eos_id,
-            on_progress=lambda docs, nbytes: bar.update(task, docs=docs, mb=nbytes / 1e6),
-            extra_meta={"data": dataclasses.asdict(corpus), "tokenizer_config": dataclasses.asdict(tok_cfg)},
-        )
-    if out_dir is None:
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(target)
+    hint = "choose another out_dir=" if out_dir is not None else "set LLMKIT_CACHE=<a writable directory>"
+    with replaced_on_success(target, hint) as tmp:
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        with Progress(TextColumn("encoding"), BarColumn(),
+                      TextColumn("{task.fields[docs]} docs, {task.fields[mb]:.1f} MB"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("encode", total=None, docs=0, mb=0.0)
+            stats = write_token_shards(
+                iter_documents(corpus), tokenizer, tmp, val_fraction=corpus.val_fraction, eos_id=eos_id,
+                on_progress=lambda docs, nbytes: bar.update(task, docs=docs, mb=nbytes / 1e6),
+                extra_meta={"data": dataclasses.asdict(corpus), "tokenizer_config": dataclasses.asdict(tok_cfg)},
+            )
     return target, stats
+
+
+@contextmanager
+def replaced_on_success(target: Path, hint: str) -> Iterator[Path]:
+    """A fresh sibling directory to fill; on success it replaces ``target``, on any error it is removed and
+    ``target`` stays as it was. ``hint`` says what to do when the parent is not writable."""
+    target = target.resolve()  # a name to put the sibling beside, even for out_dir=.
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+        tmp.mkdir()  # not mkdtemp: its mode 0700 would stay on the directory renamed into place
+    except OSError as error:
+        raise UserError(f"cannot write {target} ({error.strerror}); {hint}") from None
+    try:
+        yield tmp
+        if not target.exists():
+            tmp.rename(target)
+            return
+        old = tmp.with_suffix(".old")
+        target.rename(old)
+        try:
+            tmp.rename(target)
+        except OSError:
+            old.rename(target)
+            raise
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def describe(stats: ShardStats) -> str:

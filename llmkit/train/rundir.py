@@ -93,11 +93,11 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
         write_text_atomic(saved, resolved_yaml)
     except OSError as error:
         raise UserError(f"output directory {path} is not writable ({error.strerror}); choose another out_dir=") from None
-    _point_latest(path, command)
+    point_latest(path, command)
     return path, harmless
 
 
-def _point_latest(path: Path, command: str) -> None:
+def point_latest(path: Path, command: str) -> None:
     """Keep `runs/<command>/latest` pointing at the newest run (only inside a runs/<command>/ folder)."""
     if path.parent.name != command:
         return

@@ -368,6 +368,18 @@ def test_tokenizing_again_into_the_same_directory_works(cli, tmp_path):
             p.name for p in (tmp_path / "tok").iterdir()}
 
 
+def test_a_failed_re_tokenisation_leaves_the_earlier_shards_untouched(cli, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"doc {i} here is text" for i in range(300)) + "\n")
+    assert cli("tokenize", "tokenizer=bpe512", "data=files", f"data.path={corpus}", "out_dir=tok").returncode == 0
+    before = snapshot(tmp_path / "tok")
+    corpus.write_bytes(corpus.read_bytes() + b"\ncaf\xe9\n")  # the bad byte comes after 300 good documents
+    done = cli("tokenize", "tokenizer.path=tok/tokenizer.json", "data=files", f"data.path={corpus}", "out_dir=tok")
+    assert_refused(done, "corpus.txt:601", "not valid UTF-8")
+    assert snapshot(tmp_path / "tok") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tok"]  # nothing left beside it
+
+
 # ---------------------------------------------------------------- generate
 
 def test_prompt_longer_than_the_context_is_refused(cli, tiny_run):
