@@ -11,7 +11,7 @@ from rich.table import Table
 
 from llmkit.commands.common import LoadedModel, load_trained, resolve_device
 from llmkit.config.schema import EvaluateConfig
-from llmkit.data.shards import load_shard
+from llmkit.data.shards import check_tokenizer, load_shard
 from llmkit.data.sources import iter_documents
 from llmkit.errors import UserError
 from llmkit.eval.perplexity import bytes_per_token_id, evaluate_lm
@@ -30,6 +30,9 @@ def heldout_tokens(cfg: EvaluateConfig, loaded: LoadedModel) -> tuple[np.ndarray
     if not tokens_dir or not Path(tokens_dir, "meta.json").is_file():
         raise UserError(f"{loaded.checkpoint}: its validation split ({tokens_dir}) is not available here; "
                         "evaluate on a corpus instead with heldout=data data.source=... ")
+    check_tokenizer(tokens_dir, loaded.tokenizer, f"the tokenizer of {loaded.checkpoint}",
+                    "the shards were re-tokenised since it was trained; score a corpus instead with heldout=data "
+                    "data.source=...")
     return load_shard(tokens_dir, "val"), "validation split"
 
 

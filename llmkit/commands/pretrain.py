@@ -9,22 +9,29 @@ from pathlib import Path
 
 from llmkit.commands.common import build_model, check_tokenizer_fits, load_trained, report_result, start_run
 from llmkit.config.schema import PretrainConfig
+from llmkit.data.config import CorpusConfig
 from llmkit.data.lm import TokenWindows
 from llmkit.data.prepare import describe, prepare_tokens
-from llmkit.data.shards import load_shard, read_meta
+from llmkit.data.shards import check_tokenizer, load_shard, read_meta
 from llmkit.errors import UserError
 from llmkit.model.transformer import flops_per_token
-from llmkit.tokenizer.bpe import load_tokenizer
+from llmkit.tokenizer.bpe import TOKENIZER_FILE, load_tokenizer
+from llmkit.tokenizer.config import TokenizerConfig
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.loop import Trainer, TrainSpec
 from llmkit.train.objectives import CausalLM
+from llmkit.train.runtime import Runtime
 
 
 def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("pretrain", cfg, resolved_yaml)
-    tokens_dir = Path(cfg.tokens_dir) if cfg.tokens_dir else _cached_tokens(cfg, runtime)
+    source = load_trained(cfg.init_from) if cfg.init_from else None
+    tokens_dir = Path(cfg.tokens_dir) if cfg.tokens_dir else _cached_tokens(cfg.data, cfg.tokenizer, runtime)
     meta = read_meta(tokens_dir)
-    tokenizer = load_tokenizer(tokens_dir / "tokenizer.json")
+    weights = ckpt.resume_checkpoint(cfg.train.resume, run_dir / "checkpoints") or (source.checkpoint if source else None)
+    if weights is not None:
+        _check_weights_tokenizer(cfg, tokens_dir, weights)
+    tokenizer = load_tokenizer(tokens_dir / TOKENIZER_FILE)
     check_tokenizer_fits(tokenizer.get_vocab_size(), cfg.model, str(tokens_dir))
     seq_len = cfg.train.seq_len or cfg.model.block_size
     if seq_len > cfg.model.block_size:
@@ -33,18 +40,17 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     train_set = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=cfg.train.seed)
     val_set = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False)
     model = build_model(cfg.model, cfg.train.seed)
-    if cfg.init_from:
-        source = load_trained(cfg.init_from)
+    if source is not None:
         ckpt.load_weights(model, source.model.state_dict(), source.checkpoint)
     if runtime.is_main:
-        shutil.copyfile(tokens_dir / "tokenizer.json", run_dir / "tokenizer.json")
+        shutil.copyfile(tokens_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
         print(f"model: {cfg.model.name}, {model.num_params() / 1e6:.2f}M parameters; data: {meta['train_tokens']} "
               f"train / {meta['val_tokens']} val tokens; run directory: {run_dir}")
     spec = TrainSpec(
         command="pretrain", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokens_dir": str(tokens_dir.resolve()),
               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
-        flops_per_token=partial(flops_per_token, cfg.model), files={"tokenizer.json": tokens_dir / "tokenizer.json"},
+        flops_per_token=partial(flops_per_token, cfg.model), files={TOKENIZER_FILE: tokens_dir / TOKENIZER_FILE},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
     if runtime.is_main:
@@ -53,14 +59,28 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     return 0
 
 
-def _cached_tokens(cfg: PretrainConfig, runtime) -> Path:
+def _cached_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, runtime: Runtime) -> Path:
     """Tokenise the configured corpus once (main process) and share the cached shards."""
     path = None
     if runtime.is_main:
-        path, stats = prepare_tokens(cfg.data, cfg.tokenizer)
+        path, stats = prepare_tokens(corpus, tok_cfg)
         if stats is not None:
             print(f"tokenized the corpus: {describe(stats)}")
     runtime.barrier()
     if path is None:
-        path, _ = prepare_tokens(cfg.data, cfg.tokenizer)  # cached by now
+        path, _ = prepare_tokens(corpus, tok_cfg)  # cached by now
     return path
+
+
+def _check_weights_tokenizer(cfg: PretrainConfig, tokens_dir: Path, weights: Path) -> None:
+    """Refuse shards whose tokenizer is not the one the weights (init_from's, or the checkpoint resumed) learnt."""
+    theirs = weights / TOKENIZER_FILE
+    if cfg.tokens_dir:
+        fix = (f"tokenize the corpus with it (llmkit tokenize tokenizer.path={theirs} out_dir=<dir>) and pass "
+               "tokens_dir=<dir>, or leave tokens_dir unset")
+    elif cfg.tokenizer.path:
+        fix = f"set tokenizer.path={theirs}, or leave it unset"
+    else:
+        fix = (f"the corpus (data.*) changed since {weights} was trained: restore it, or train on the new one in a new "
+               f"run with init_from={weights} out_dir=<new dir>")
+    check_tokenizer(tokens_dir, load_tokenizer(theirs), f"{theirs}, the tokenizer of the weights being trained", fix)

@@ -243,6 +243,17 @@ def read_meta(shard_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_tokenizer(shard_dir: str | Path, tokenizer: Tokenizer, used: str, fix: str) -> None:
+    """UserError unless the shards at ``shard_dir`` were encoded with ``tokenizer`` (meta.json's tokenizer_sha256):
+    another tokenizer's ids mean other tokens. ``used`` names the tokenizer in use, ``fix`` says what to do."""
+    from llmkit.tokenizer.bpe import TOKENIZER_FILE, tokenizer_fingerprint
+
+    d = Path(shard_dir)
+    if read_meta(d).get("tokenizer_sha256") != tokenizer_fingerprint(tokenizer):
+        raise UserError(f"the token shards at {d} were encoded with {d / TOKENIZER_FILE}, not with {used}: their "
+                        f"token ids would mean other tokens; {fix}")
+
+
 def load_shard(shard_dir: str | Path, split: str) -> np.memmap:
     """The ``split`` ("train" or "val") tokens of a shard directory, memory-mapped read-only."""
     import numpy as np

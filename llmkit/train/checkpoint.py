@@ -171,6 +171,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_checkpoint(resume: str, root: Path) -> Path | None:
+    """The checkpoint `train.resume` names: none for "never", the latest under `root` (if any) for "auto"."""
+    if resume == "never":
+        return None
+    return latest_checkpoint(root) if resume == "auto" else resolve_checkpoint(resume)
+
+
 def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:
     """Delete old checkpoints, keeping the newest `keep_last`, the best one, and whatever `latest` names."""
     found = complete_checkpoints(root)

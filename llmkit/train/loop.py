@@ -157,7 +157,7 @@ class Trainer:
         self.grad_clip = optim.grad_clip
         self.state = LoopState()
         self.ckpt_root = spec.run_dir / "checkpoints"
-        source = self._resume_source()
+        source = ckpt.resume_checkpoint(cfg.resume, self.ckpt_root)
         if source is not None:  # weights go into the whole model, before any sharding
             self._load_weights(source)
         runtime.shard(self.model)  # FSDP2, in place, before the optimizer takes the parameters
@@ -182,12 +182,6 @@ class Trainer:
         self.next_batches: tuple[int, Future[list[Batch]]] | None = None
 
     # ----- resume -------------------------------------------------------------------------------
-    def _resume_source(self) -> Path | None:
-        resume = self.cfg.resume
-        if resume == "never":
-            return None
-        return ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else ckpt.resolve_checkpoint(resume)
-
     def _load_weights(self, source: Path) -> None:
         saved = self.spec.saved_tensors(self.model) if self.spec.saved_tensors else None
         tensors = ckpt.read_tensors(source / ckpt.WEIGHTS)

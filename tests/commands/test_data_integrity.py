@@ -4,6 +4,8 @@ the tokenizer of the weights they train or score, and the earlier shards a faile
 import json
 from pathlib import Path
 
+from tests.commands.test_bad_input import assert_refused, only_setup_files, snapshot
+
 
 def write_corpus(path: Path, template: str, count: int) -> None:
     path.write_text("\n\n".join(template.format(i=i) for i in range(count)) + "\n")
@@ -12,6 +14,12 @@ def write_corpus(path: Path, template: str, count: int) -> None:
 def checkpoint_meta(run: Path) -> dict:
     root = run / "checkpoints"
     return json.loads((root / (root / "latest").read_text().strip() / "meta.json").read_text())
+
+
+def kept(run: Path) -> dict[str, bytes]:
+    """What a refused resume must leave as it was: all but config.yaml, which a resume rewrites (with only the
+    changes a resume allows) before the data is checked."""
+    return {name: data for name, data in snapshot(run).items() if name != "config.yaml"}
 
 
 def test_the_shard_cache_follows_what_the_data_files_hold(cli, tmp_path):
@@ -24,3 +32,22 @@ def test_the_shard_cache_follows_what_the_data_files_hold(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     shards = Path(checkpoint_meta(tmp_path / "b")["tokens_dir"])
     assert json.loads((shards / "meta.json").read_text())["documents"] == 300
+
+
+def test_shards_of_another_tokenizer_are_refused_wherever_weights_read_them(cli, tmp_path):
+    """Shards re-tokenised with another tokenizer after a run trained on them: evaluating the run, resuming it
+    and starting from it with those shards are each refused naming the shards and the run's tokenizer."""
+    tokenize = ("tokenize", "tokenizer=bpe512", "out_dir=tok")
+    assert cli(*tokenize, "data.max_documents=300").returncode == 0
+    assert cli("pretrain", "tiny/pretrain", "tokens_dir=tok", "train.max_steps=1", "out_dir=run").returncode == 0
+    assert cli(*tokenize, "data.max_documents=200").returncode == 0  # another corpus, another BPE
+    run = tmp_path / "run"
+    before = kept(run)
+    cases = [(("evaluate", "runs=[run]", "output=eval.json"), "heldout=data"),
+             (("pretrain", "tiny/pretrain", "tokens_dir=tok", "train.max_steps=2", "train.resume=auto", "out_dir=run"),
+              "tokens_dir"),
+             (("pretrain", "tiny/pretrain", "tokens_dir=tok", "init_from=run", "out_dir=next"), "tokens_dir")]
+    for args, fix in cases:
+        assert_refused(cli(*args), "tok were encoded with", "tok/tokenizer.json", "run/checkpoints/step_000001", fix)
+    assert kept(run) == before
+    assert not (tmp_path / "eval.json").exists() and only_setup_files(tmp_path / "next")
