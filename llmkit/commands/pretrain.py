@@ -26,7 +26,10 @@ from llmkit.train.runtime import Runtime
 def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("pretrain", cfg, resolved_yaml)
     source = load_trained(cfg.init_from) if cfg.init_from else None
-    tokens_dir = Path(cfg.tokens_dir) if cfg.tokens_dir else _cached_tokens(cfg.data, cfg.tokenizer, runtime)
+    tok_cfg = cfg.tokenizer
+    if source is not None and not tok_cfg.path:  # the weights' own token ids, not a new BPE on this corpus
+        tok_cfg = dataclasses.replace(tok_cfg, path=str(source.checkpoint / TOKENIZER_FILE))
+    tokens_dir = Path(cfg.tokens_dir) if cfg.tokens_dir else _cached_tokens(cfg.data, tok_cfg, runtime)
     meta = read_meta(tokens_dir)
     weights = ckpt.resume_checkpoint(cfg.train.resume, run_dir / "checkpoints") or (source.checkpoint if source else None)
     if weights is not None:

@@ -34,6 +34,17 @@ def test_the_shard_cache_follows_what_the_data_files_hold(cli, tmp_path):
     assert json.loads((shards / "meta.json").read_text())["documents"] == 300
 
 
+def test_pretrain_from_a_run_keeps_its_tokenizer(cli, tiny_run, tmp_path):
+    """Another corpus config (here fewer documents) must not train a new BPE under the checkpoint's embeddings."""
+    done = cli("pretrain", "tiny/pretrain", f"init_from={tiny_run}", "data.max_documents=300", "train.max_steps=1",
+               "out_dir=more")
+    assert done.returncode == 0, done.stderr
+    assert "trained tokenizer" not in done.stdout
+    theirs = (tiny_run / "tokenizer.json").read_bytes()
+    assert (tmp_path / "more" / "tokenizer.json").read_bytes() == theirs
+    assert Path(checkpoint_meta(tmp_path / "more")["tokens_dir"], "tokenizer.json").read_bytes() == theirs
+
+
 def test_shards_of_another_tokenizer_are_refused_wherever_weights_read_them(cli, tmp_path):
     """Shards re-tokenised with another tokenizer after a run trained on them: evaluating the run, resuming it
     and starting from it with those shards are each refused naming the shards and the run's tokenizer."""
