@@ -17,7 +17,9 @@ from llmkit.train.runtime import Runtime, setup_runtime
 
 
 def start_run(command: str, cfg: Any, resolved_yaml: str) -> tuple[Runtime, Path]:
-    """Runtime (device, processes) and the run directory, refusing clashes before anything is written."""
+    """Runtime (device, processes) and the run directory, refusing clashes and a PEFT adapter as the
+    starting model before anything is written."""
+    refuse_adapter_start(getattr(cfg, "init_from", None), "init_from")
     runtime = setup_runtime(cfg.train.device, cfg.train.precision)
     run_dir, harmless = prepare_run_dir(command, cfg.out_dir, cfg.name, resolved_yaml, cfg.train.resume,
                                         cfg.train.overwrite, runtime.is_main)
@@ -70,8 +72,7 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
     from llmkit.tokenizer.bpe import load_tokenizer
 
     given = Path(path)
-    if (given / "adapter_config.json").is_file() and not (given / ckpt.COMPLETE).is_file() and \
-            not (given / "checkpoints").is_dir():
+    if _is_adapter_dir(given):
         return _load_adapter_dir(given, device)
     checkpoint = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(checkpoint)
@@ -90,6 +91,44 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
     ckpt.load_weights(model, tensors, checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
     return LoadedModel(model.to(device).eval(), tokenizer, meta, checkpoint)
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    """Whether `path` is a standalone adapter directory (a PEFT run's `adapter/`), not a checkpoint or run."""
+    return (path / "adapter_config.json").is_file() and not (path / ckpt.COMPLETE).is_file() and \
+        not (path / "checkpoints").is_dir()
+
+
+def refuse_adapter_start(path: str | None, key: str) -> None:
+    """Refuse (UserError) a PEFT run, checkpoint or adapter as the model a training run starts from: it is a
+    base plus an adapter, and training it would save weights that no command can load."""
+    from llmkit.peft.apply import read_adapter_config
+
+    if not path:
+        return
+    given = Path(path)
+    if _is_adapter_dir(given):
+        source, run = given, given.parent
+        config = read_adapter_config(source)
+    else:
+        try:
+            source = ckpt.resolve_checkpoint(given)
+        except UserError:
+            return  # missing or not a checkpoint: the command's loader says so, with its how-to
+        if ckpt.read_meta(source).get("kind") != "adapter":
+            return
+        run = source.parent.parent
+        config = read_adapter_config(source, ckpt.WEIGHTS)
+    base = config.get("base_info", {}).get("checkpoint", "(not recorded)")
+    merged = run / "merged"
+    if (merged / "latest").is_file():
+        merge = f"use the run's merged copy, a plain checkpoint: {key}={merged}"
+    else:
+        merge = ("run `llmkit peft` again with merge=true: it also writes the merged model as a plain checkpoint "
+                 f"to <its out_dir>/merged, to pass as {key}=")
+    raise UserError(f"{key}={path} is a PEFT run/adapter ({config.get('peft', {}).get('method', '?')} on the base "
+                    f"{base}), not a full model: training from it would save weights that no command can load. "
+                    f"Start from the base ({key}={base}), or {merge}")
 
 
 def _attach_adapter(model: torch.nn.Module, directory: Path, tensors: dict, tokenizer) -> None:

@@ -299,11 +299,12 @@ def save_adapter(model: Transformer, cfg: PeftConfig, directory: str | Path, bas
     return out
 
 
-def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """adapter_config.json of a saved adapter; UserError when the directory holds no adapter."""
+def read_adapter_config(directory: str | Path, weights: str = ADAPTER_FILE) -> dict[str, Any]:
+    """adapter_config.json of a saved adapter whose tensors are in `weights` (a PEFT run's checkpoints keep
+    them in model.safetensors); UserError when the directory holds no adapter."""
     src = Path(directory)
-    if not (src / ADAPTER_CONFIG_FILE).is_file() or not (src / ADAPTER_FILE).is_file():
-        raise UserError(f"{src} is not a saved adapter: it needs {ADAPTER_CONFIG_FILE} and {ADAPTER_FILE}")
+    if not (src / ADAPTER_CONFIG_FILE).is_file() or not (src / weights).is_file():
+        raise UserError(f"{src} is not a saved adapter: it needs {ADAPTER_CONFIG_FILE} and {weights}")
     try:
         meta = json.loads((src / ADAPTER_CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -190,7 +190,8 @@ def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint, run directory, `runs/<cmd>/latest` or weights file."""
+    """A checkpoint directory from a checkpoint, run directory, `runs/<cmd>/latest`, a directory of checkpoints
+    with a `latest` pointer (a run's `checkpoints/`, a PEFT run's `merged/`) or a weights file."""
     given = Path(path)
     if given.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         raise UserError(f"{given}: refused: weights load only from safetensors (pickle files can run code); "
@@ -206,8 +207,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                         "or pass a run directory, a checkpoint directory, or runs/<command>/latest")
     if (given / COMPLETE).is_file():
         return given
-    if (given / "checkpoints").is_dir() or given.name == "checkpoints":
-        root = given if given.name == "checkpoints" else given / "checkpoints"
+    if (given / "checkpoints").is_dir() or given.name == "checkpoints" or (given / "latest").is_file():
+        root = given / "checkpoints" if (given / "checkpoints").is_dir() else given  # a run, or its checkpoints
         found = latest_checkpoint(root)
         if found is None:
             raise UserError(f"{given} has no complete checkpoint yet (a run that stopped before its first save?)")
