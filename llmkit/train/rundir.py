@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UserError
-from llmkit.train.checkpoint import write_text_atomic
+from llmkit.train.checkpoint import read_meta, resolve_checkpoint, write_text_atomic
 
 # Keys that may change when resuming: they do not change what the run computes up to now.
 RESUMABLE_CHANGES = (
@@ -53,6 +53,32 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
     return blocking, harmless
 
 
+def _resumable_changes(run: Path, resolved_yaml: str, resumed: Path) -> list[str]:
+    """The harmless differences between `run`'s config.yaml and this run's config; UserError (naming `resumed`,
+    the run or checkpoint being resumed) if any other differs."""
+    blocking, harmless = config_changes((run / "config.yaml").read_text(), resolved_yaml)
+    if blocking:
+        raise UserError(f"cannot resume {resumed}: these settings differ from the saved run and would change "
+                        f"its results: {'; '.join(blocking)}. Use the original values, or start a new run "
+                        "(a new out_dir, without train.resume)")
+    return harmless
+
+
+def check_resume_source(command: str, resume: str, resolved_yaml: str) -> list[str]:
+    """For `train.resume=<checkpoint>`: refuse a checkpoint that another command wrote, or whose run (when its
+    config.yaml is beside it) was set up differently in ways that change the result; returns the harmless changes."""
+    checkpoint = resolve_checkpoint(resume)
+    written_by = read_meta(checkpoint).get("command")
+    if written_by != command:
+        raise UserError(f"train.resume={resume}: {checkpoint} was written by `llmkit {written_by}`, not `llmkit "
+                        f"{command}`; resume from a checkpoint of a {command} run, or pass init_from={resume} to "
+                        "start a new run from its weights")
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or not (run / "config.yaml").is_file():
+        return []  # a checkpoint copied out of its run: its command is all there is to check
+    return _resumable_changes(run, resolved_yaml, checkpoint)
+
+
 # What a run writes before its first training step; a directory holding nothing else stopped before training.
 SETUP_FILES = ("config.yaml", "tokenizer.json")
 
@@ -73,14 +99,11 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     if not is_main:  # the main process checks and writes; the others get its path (see start_run)
         return path, []
     saved = path / "config.yaml"
-    harmless: list[str] = []
+    harmless = check_resume_source(command, resume, resolved_yaml) if resume not in ("auto", "never") else []
     if saved.is_file() and not run_started(path):
         pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
     elif saved.is_file() and resume != "never":
-        blocking, harmless = config_changes(saved.read_text(), resolved_yaml)
-        if blocking:
-            raise UserError(f"cannot resume {path}: these settings differ from the saved run and would change "
-                            f"its results: {'; '.join(blocking)}. Use the original values, or a new out_dir")
+        harmless = sorted(set(harmless) | set(_resumable_changes(path, resolved_yaml, path)))
     elif saved.is_file() and not overwrite:
         raise UserError(f"{path} already holds a run; pass train.resume=auto to continue it, "
                         "train.overwrite=true to replace it, or choose another out_dir=")

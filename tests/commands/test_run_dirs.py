@@ -38,3 +38,29 @@ def test_a_directory_of_checkpoints_with_a_latest_pointer_resolves_to_it(tmp_pat
     (step / "COMPLETE").write_text("2\n")
     (tmp_path / "merged" / "latest").write_text("step_000002\n")
     assert resolve_checkpoint(tmp_path / "merged") == step
+
+
+def final_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["sft", "tiny/sft", "init_from={run}"], ["written by `llmkit pretrain`, not `llmkit sft`", "init_from="]),
+    (["pretrain", "tiny/pretrain", "train.seed=5"], ["cannot resume", "train.seed: 1337 -> 5"]),
+], ids=["another-command", "another-seed"])
+def test_resuming_from_a_checkpoint_of_another_command_or_config_is_refused(args, words, tiny_run, cli, tmp_path):
+    source = final_checkpoint(tiny_run)
+    args = [a.format(run=tiny_run) for a in args]
+    done = cli(*args, "out_dir=out", f"train.resume={source}", "train.max_steps=40")
+    assert_refused(done, str(source), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_from_another_runs_checkpoint_with_harmless_changes_continues_it(tiny_run, cli, tmp_path):
+    source = final_checkpoint(tiny_run)
+    step = int(source.name.split("_")[1])
+    done = cli("pretrain", "tiny/pretrain", "out_dir=out", f"train.resume={source}", f"train.max_steps={step + 1}",
+               "logger.tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {source} at step {step}" in done.stdout
+    assert (tmp_path / "out" / "checkpoints" / f"step_{step + 1:06d}" / "COMPLETE").is_file()
