@@ -51,6 +51,9 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
         code = 130
     except Exception as error:
         code = _report(error, console)
+    from llmkit.train.rundir import settle_replaced
+
+    settle_replaced(succeeded=code == 0)
     raise typer.Exit(code)
 
 

@@ -49,6 +49,7 @@ from llmkit.train.loop import TrainingError, batch_indices
 from llmkit.train.metrics import MetricsLogger, format_duration
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.progress import TrainProgress
+from llmkit.train.rundir import training_started
 from llmkit.train.runtime import Runtime
 from llmkit.train.signals import GracefulStop
 
@@ -273,6 +274,7 @@ class PPOTrainer:
     def run(self) -> Path | None:
         """Iterate to train.max_steps; returns the last checkpoint."""
         cfg = self.cfg.train
+        training_started(self.run_dir)
         last_saved = ckpt.latest_checkpoint(self.ckpt_root)
         if self.iteration == 0:
             self.first_val = self.last_val = self.evaluate()

@@ -28,6 +28,7 @@ from llmkit.train import checkpoint as ckpt
 from llmkit.train.metrics import MetricsLogger, format_duration, measured_peak_flops
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.progress import TrainProgress
+from llmkit.train.rundir import training_started
 from llmkit.train.runtime import Runtime, set_activation_checkpointing
 from llmkit.train.signals import GracefulStop
 
@@ -278,6 +279,7 @@ class Trainer:
         values a step-by-step read would give.
         """
         cfg, runtime, spec = self.cfg, self.runtime, self.spec
+        training_started(spec.run_dir)
         matmul_dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
         peak = measured_peak_flops(runtime.device, matmul_dtype) * runtime.world_size if spec.flops_per_token else 0.0
         self.wrapped.train()

@@ -99,6 +99,7 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     if not is_main:  # the main process checks and writes; the others get its path (see start_run)
         return path, []
     saved = path / "config.yaml"
+    _recover_replaced(path)
     harmless = check_resume_source(command, resume, resolved_yaml) if resume not in ("auto", "never") else []
     if saved.is_file() and not run_started(path):
         pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
@@ -110,14 +111,56 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     elif path.is_dir() and any(path.iterdir()) and not saved.is_file():
         raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
     try:
-        if saved.is_file() and overwrite and resume == "never":
-            shutil.rmtree(path)
+        if saved.is_file() and overwrite and resume == "never" and run_started(path):
+            os.replace(path, _aside(path))  # deleted when training starts, put back if the command fails before
+            _replaced[path] = _aside(path)
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, resolved_yaml)
     except OSError as error:
         raise UserError(f"output directory {path} is not writable ({error.strerror}); choose another out_dir=") from None
     point_latest(path, command)
     return path, harmless
+
+
+# train.overwrite sets the run it replaces aside (a hidden sibling) until the new run starts training.
+_replaced: dict[Path, Path] = {}
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.replaced")
+
+
+def training_started(run_dir: Path) -> None:
+    """The loops call this just before the first step: the run that train.overwrite replaces is deleted now."""
+    aside = _replaced.pop(run_dir, None)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def settle_replaced(succeeded: bool) -> None:
+    """At the end of a command, for the runs still set aside (training never started): delete them when the
+    command succeeded (tokenize replaces shards without training), else put them back in place of the new
+    run's set-up files, so a run replaced by train.overwrite survives any failure before training."""
+    for path, aside in _replaced.items():
+        if succeeded:
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _put_back(path, aside)
+    _replaced.clear()
+
+
+def _put_back(path: Path, aside: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(aside, path)
+
+
+def _recover_replaced(path: Path) -> None:
+    """Finish an overwrite that a kill interrupted: the old run comes back unless the new one had started training."""
+    aside = _aside(path)
+    if aside.is_dir() and path.is_dir() and run_started(path):
+        shutil.rmtree(aside)
+    elif aside.is_dir():
+        _put_back(path, aside)
 
 
 def point_latest(path: Path, command: str) -> None:

@@ -1,11 +1,13 @@
 """Run directories and what commands accept from them, through the real CLI: PEFT runs as starting points,
 resuming from another run's checkpoint, overwrite, the `latest` pointer, paths and damaged files."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.commands.test_bad_input import assert_refused
+from llmkit.errors import UserError
+from tests.commands.test_bad_input import assert_refused, snapshot
 from tests.conftest import run_llmkit
 
 
@@ -64,3 +66,25 @@ def test_resuming_from_another_runs_checkpoint_with_harmless_changes_continues_i
     assert done.returncode == 0, done.stderr
     assert f"resumed from {source} at step {step}" in done.stdout
     assert (tmp_path / "out" / "checkpoints" / f"step_{step + 1:06d}" / "COMPLETE").is_file()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_training(tiny_run, cli, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    before = snapshot(run)
+    done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.overwrite=true", "tokens_dir=no-such-dir")
+    assert_refused(done, "no-such-dir")
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left aside
+
+
+def test_an_overwrite_killed_before_training_is_undone_by_the_next_command(tiny_run, tmp_path):
+    from llmkit.train.rundir import prepare_run_dir
+
+    run, aside = tmp_path / "run", tmp_path / ".run.replaced"
+    shutil.copytree(tiny_run, aside, symlinks=True)
+    run.mkdir()
+    (run / "config.yaml").write_text("the new run's set-up\n")
+    with pytest.raises(UserError, match="already holds a run"):
+        prepare_run_dir("pretrain", str(run), None, "{}", "never", False)
+    assert snapshot(run) == snapshot(tiny_run) and not aside.exists()
