@@ -49,7 +49,7 @@ from llmkit.train.loop import TrainingError, batch_indices
 from llmkit.train.metrics import MetricsLogger, format_duration
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.progress import TrainProgress
-from llmkit.train.rundir import training_started
+from llmkit.train.rundir import point_latest, training_started
 from llmkit.train.runtime import Runtime
 from llmkit.train.signals import GracefulStop
 
@@ -329,6 +329,7 @@ class PPOTrainer:
                  "kl": self.kl.state_dict(), "loop": {"iteration": self.iteration, "nonfinite_skips": self.nonfinite_skips}}
         final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.iteration, self.policy.state_dict(), state,
                                        {**self.meta, **self.last_val}, self.files)
+        point_latest(self.run_dir, "ppo")
         ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, None)
         return final
 

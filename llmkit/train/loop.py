@@ -28,7 +28,7 @@ from llmkit.train import checkpoint as ckpt
 from llmkit.train.metrics import MetricsLogger, format_duration, measured_peak_flops
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.progress import TrainProgress
-from llmkit.train.rundir import training_started
+from llmkit.train.rundir import point_latest, training_started
 from llmkit.train.runtime import Runtime, set_activation_checkpointing
 from llmkit.train.signals import GracefulStop
 
@@ -227,6 +227,7 @@ class Trainer:
                            "loop": dataclasses.asdict(self.state)}
             meta = {**self.spec.meta, "val_loss": val_loss}
             final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.state.step, tensors, train_state, meta, self.spec.files)
+            point_latest(self.spec.run_dir, self.spec.command)
             ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last, self._best_checkpoint())
         runtime.barrier()
         return final

@@ -118,7 +118,6 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
         write_text_atomic(saved, resolved_yaml)
     except OSError as error:
         raise UserError(f"output directory {path} is not writable ({error.strerror}); choose another out_dir=") from None
-    point_latest(path, command)
     return path, harmless
 
 
@@ -164,7 +163,8 @@ def _recover_replaced(path: Path) -> None:
 
 
 def point_latest(path: Path, command: str) -> None:
-    """Keep `runs/<command>/latest` pointing at the newest run (only inside a runs/<command>/ folder)."""
+    """Point `runs/<command>/latest` at the run `path` (only inside a runs/<command>/ folder). The loops call it
+    after each checkpoint, so `latest` names the run that saved last, never one that failed before saving."""
     if path.parent.name != command:
         return
     link = path.parent / "latest"

@@ -88,3 +88,11 @@ def test_an_overwrite_killed_before_training_is_undone_by_the_next_command(tiny_
     with pytest.raises(UserError, match="already holds a run"):
         prepare_run_dir("pretrain", str(run), None, "{}", "never", False)
     assert snapshot(run) == snapshot(tiny_run) and not aside.exists()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_does_not_move_latest(cli, tmp_path):
+    done = cli("pretrain", "tiny/pretrain", "name=good", "train.max_steps=2", "logger.tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    assert_refused(cli("pretrain", "tiny/pretrain", "name=bad", "tokens_dir=nope"), "nope")
+    latest = tmp_path / "runs" / "pretrain" / "latest"
+    assert latest.is_symlink() and latest.readlink() == Path("good")
