@@ -73,8 +73,8 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
 
     given = Path(path)
     if _is_adapter_dir(given):
-        return _load_adapter_dir(given, device)
-    checkpoint = ckpt.resolve_checkpoint(path)
+        return _load_adapter_dir(given.resolve(), device)
+    checkpoint = ckpt.resolve_checkpoint(path).resolve()  # absolute: runs record it as their base
     meta = ckpt.read_meta(checkpoint)
     if "model" not in meta:
         raise UserError(f"{checkpoint}/meta.json has no model config; was it written by llmkit?")
@@ -83,8 +83,11 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
                         "reward.model= in `llmkit ppo`, or pick a pretrain/sft/peft/dpo/ppo run")
     tensors = ckpt.read_tensors(checkpoint / ckpt.WEIGHTS)
     if meta.get("kind") == "adapter":
-        loaded = load_trained(meta["base"], "cpu")
-        _attach_adapter(loaded.model, checkpoint, tensors, loaded.tokenizer)
+        from llmkit.peft.apply import read_adapter_config
+
+        config = read_adapter_config(checkpoint, ckpt.WEIGHTS)
+        loaded = _adapter_base(meta.get("base"), checkpoint)
+        _attach_adapter(loaded.model, checkpoint, config, tensors, loaded.tokenizer)
         return LoadedModel(loaded.model.to(device).eval(), load_tokenizer(checkpoint / "tokenizer.json"), meta, checkpoint)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = Transformer(ModelConfig(**{k: v for k, v in meta["model"].items() if k in known}))
@@ -131,18 +134,15 @@ def refuse_adapter_start(path: str | None, key: str) -> None:
                     f"Start from the base ({key}={base}), or {merge}")
 
 
-def _attach_adapter(model: torch.nn.Module, directory: Path, tensors: dict, tokenizer) -> None:
-    """Apply the adapter described by directory/adapter_config.json to `model` and load its tensors,
+def _attach_adapter(model: torch.nn.Module, directory: Path, config: dict, tensors: dict, tokenizer) -> None:
+    """Apply the adapter described by `config` (directory/adapter_config.json) to `model` and load its tensors,
     refusing a base that is not the one the adapter was trained on."""
-    import json
-
     from llmkit.peft.apply import apply_peft, base_fingerprint
     from llmkit.peft.config import PeftConfig
 
-    config = json.loads((directory / "adapter_config.json").read_text())
     if config["base_fingerprint"] != base_fingerprint(model):
         raise UserError(f"the adapter in {directory} was trained on another base model "
-                        f"({config.get('base_info', {}).get('checkpoint', 'unknown')}); load it onto that base")
+                        f"({(config.get('base_info') or {}).get('checkpoint', 'unknown')}); load it onto that base")
     apply_peft(model, PeftConfig(**config["peft"]), tokenizer)
     missing = set(config["tensors"]) - set(tensors)
     if missing:
@@ -150,16 +150,28 @@ def _attach_adapter(model: torch.nn.Module, directory: Path, tensors: dict, toke
     ckpt.load_weights(model, tensors, directory, strict=False)
 
 
+def _adapter_base(base: str | None, adapter: Path) -> LoadedModel:
+    """The plain base model that the adapter in `adapter` was trained on (older runs stored its path relative
+    to the directory they were trained in; it is read from the current one)."""
+    if not base:
+        raise UserError(f"{adapter}: its adapter_config.json/meta.json does not say which base model it belongs to; "
+                        "train the adapter again")
+    if not Path(base).exists():
+        relative = "" if Path(base).is_absolute() else \
+            " (a relative path, read from the current directory: run from where the adapter was trained)"
+        raise UserError(f"the base model of the adapter in {adapter}, {base}, does not exist{relative}; "
+                        "put the base back there, or train the adapter again on a base that exists")
+    return load_trained(base, "cpu")
+
+
 def _load_adapter_dir(directory: Path, device) -> LoadedModel:
     """A standalone adapter directory (adapter.safetensors + adapter_config.json) on its recorded base."""
-    import json
+    from llmkit.peft.apply import ADAPTER_FILE, read_adapter_config
 
-    config = json.loads((directory / "adapter_config.json").read_text())
-    base_path = config.get("base_info", {}).get("checkpoint")
-    if not base_path:
-        raise UserError(f"{directory}/adapter_config.json does not say which base it belongs to")
-    loaded = load_trained(base_path, "cpu")
-    _attach_adapter(loaded.model, directory, ckpt.read_tensors(directory / "adapter.safetensors"), loaded.tokenizer)
+    config = read_adapter_config(directory)
+    base_path = (config.get("base_info") or {}).get("checkpoint")
+    loaded = _adapter_base(base_path, directory)
+    _attach_adapter(loaded.model, directory, config, ckpt.read_tensors(directory / ADAPTER_FILE), loaded.tokenizer)
     meta = {**loaded.meta, "kind": "adapter", "base": base_path}
     return LoadedModel(loaded.model.to(device).eval(), loaded.tokenizer, meta, directory)
 

@@ -308,9 +308,14 @@ def read_adapter_config(directory: str | Path, weights: str = ADAPTER_FILE) -> d
     try:
         meta = json.loads((src / ADAPTER_CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{src / ADAPTER_CONFIG_FILE} is unreadable: {err}") from err
+        raise UserError(f"{src / ADAPTER_CONFIG_FILE} is unreadable ({err}): the adapter is corrupted; "
+                        "restore it or train it again") from None
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{src / ADAPTER_CONFIG_FILE} is not an llmkit adapter config (format {ADAPTER_FORMAT})")
+    missing = [key for key in ("peft", "base_model", "base_fingerprint", "tensors") if key not in meta]
+    if missing:
+        raise UserError(f"{src / ADAPTER_CONFIG_FILE} lacks {', '.join(missing)}: the adapter is incomplete or "
+                        "corrupted; restore it or train it again")
     return meta
 
 
@@ -321,7 +326,7 @@ def load_adapter(model: Transformer, directory: str | Path, base_info: dict[str,
 
     src = Path(directory)
     meta = read_adapter_config(src)
-    saved_base = f" (adapter base: {meta['base_info']}; this base: {base_info})" if meta["base_info"] or base_info else ""
+    saved_base = f" (adapter base: {meta.get('base_info')}; this base: {base_info})" if meta.get("base_info") or base_info else ""
     ours = dataclasses.asdict(model.cfg)
     diffs = [f"model.{k}={meta['base_model'].get(k)!r} vs {v!r}" for k, v in ours.items()
              if k not in NON_ARCHITECTURE and meta["base_model"].get(k) != v]

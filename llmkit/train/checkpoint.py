@@ -220,11 +220,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json; UserError naming it when it is missing, unreadable or not an object."""
     path = checkpoint / "meta.json"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: cannot read checkpoint metadata ({error})") from None
+        raise UserError(f"{path}: cannot read checkpoint metadata ({error}); use an intact checkpoint, "
+                        "e.g. an earlier one of the run") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: checkpoint metadata is not a JSON object (corrupted?); use an intact checkpoint, "
+                        "e.g. an earlier one of the run")
+    return meta
 
 
 def _not_safetensors(path: Path, error: Exception) -> UserError:

@@ -1,6 +1,7 @@
 """Run directories and what commands accept from them, through the real CLI: PEFT runs as starting points,
 resuming from another run's checkpoint, overwrite, the `latest` pointer, paths and damaged files."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -96,3 +97,31 @@ def test_a_run_that_fails_before_its_first_checkpoint_does_not_move_latest(cli, 
     assert_refused(cli("pretrain", "tiny/pretrain", "name=bad", "tokens_dir=nope"), "nope")
     latest = tmp_path / "runs" / "pretrain" / "latest"
     assert latest.is_symlink() and latest.readlink() == Path("good")
+
+
+def test_a_peft_run_records_its_base_as_an_absolute_path_and_loads_from_anywhere(peft_run, cli, tmp_path):
+    config = json.loads((peft_run / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_info"]["checkpoint"]).is_absolute()
+    done = cli("generate", f"run={peft_run}", "prompt=hi", "sampling.max_new_tokens=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+def break_json(path: Path, edit) -> None:
+    """Replace the JSON file `path` by edit(its object), or by `edit` itself when it is a string."""
+    path.write_text(edit if isinstance(edit, str) else json.dumps(edit(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(("where", "file", "edit", "words"), [
+    ("adapter", "adapter_config.json", "{not json", ["adapter_config.json is unreadable", "corrupted"]),
+    ("checkpoint", "adapter_config.json", lambda c: {k: v for k, v in c.items() if k != "base_fingerprint"},
+     ["adapter_config.json lacks base_fingerprint"]),
+    ("checkpoint", "meta.json", lambda m: {**m, "base": "gone/base"}, ["base model of the adapter", "gone/base",
+                                                                     "relative path"]),
+    ("checkpoint", "meta.json", "[1, 2]", ["meta.json", "not a JSON object"]),
+], ids=["adapter-config-not-json", "adapter-config-without-fingerprint", "base-missing", "meta-not-an-object"])
+def test_damaged_peft_files_are_refused_naming_the_file(where, file, edit, words, peft_run, cli, tmp_path):
+    run = tmp_path / "peft"
+    shutil.copytree(peft_run, run, symlinks=True)
+    target = run / "adapter" if where == "adapter" else run / "checkpoints" / "step_000002"
+    break_json(target / file, edit)
+    assert_refused(cli("generate", f"run={target}", "prompt=hi", "sampling.max_new_tokens=2"), str(target), *words)
