@@ -198,8 +198,12 @@ class Trainer:
         self.state = LoopState(**state["loop"])
         rng_file = source / f"rng_{self.runtime.rank}.pt"
         if not rng_file.is_file():
-            raise UserError(f"{source} was saved by fewer processes than this run has ({self.runtime.world_size}); "
-                            "resume with the same number of processes")
+            saved_by = ckpt.read_meta(source).get("processes")
+            if saved_by is not None and saved_by < self.runtime.world_size:
+                raise UserError(f"{source} was saved by {saved_by} process(es), fewer than this run has "
+                                f"({self.runtime.world_size}); resume with the same number of processes")
+            raise UserError(f"{rng_file} is missing: the checkpoint is incomplete or corrupted; resume from another "
+                            "checkpoint (train.resume=<checkpoint directory>) or start over with train.overwrite=true")
         ckpt.set_rng_state(ckpt.load_train_state(rng_file))
         self.progress_note = f"resumed from {source} at step {self.state.step}"
         if self.runtime.is_main:
@@ -225,7 +229,7 @@ class Trainer:
                 tensors = full if chosen is None else {name: full[name] for name in chosen}
             train_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "loop": dataclasses.asdict(self.state)}
-            meta = {**self.spec.meta, "val_loss": val_loss}
+            meta = {**self.spec.meta, "val_loss": val_loss, "processes": runtime.world_size}
             final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.state.step, tensors, train_state, meta, self.spec.files)
             point_latest(self.spec.run_dir, self.spec.command)
             ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last, self._best_checkpoint())

@@ -125,3 +125,12 @@ def test_damaged_peft_files_are_refused_naming_the_file(where, file, edit, words
     target = run / "adapter" if where == "adapter" else run / "checkpoints" / "step_000002"
     break_json(target / file, edit)
     assert_refused(cli("generate", f"run={target}", "prompt=hi", "sampling.max_new_tokens=2"), str(target), *words)
+
+
+def test_resuming_from_a_checkpoint_without_its_rng_file_says_the_file_is_missing(tiny_run, cli, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    checkpoint = final_checkpoint(run)
+    (checkpoint / "rng_0.pt").unlink()
+    done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.resume=auto", "train.max_steps=40")
+    assert_refused(done, f"{checkpoint / 'rng_0.pt'} is missing", "incomplete or corrupted")
