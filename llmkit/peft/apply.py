@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.errors import UserError
+from llmkit.fileio import save_safetensors
 from llmkit.model.transformer import Transformer
 from llmkit.peft.adapters import add_bias_delta, add_bottleneck_adapters, add_ia3, merged_hooked_linear
 from llmkit.peft.config import MERGEABLE, TARGET_SHORTCUTS, TARGETED_METHODS, PeftConfig
@@ -283,8 +284,6 @@ def save_adapter(model: Transformer, cfg: PeftConfig, directory: str | Path, bas
     """Write adapter.safetensors (the adapter's tensors only) and adapter_config.json (cfg, the base's
     model config and fingerprint, and `base_info`: anything that identifies the base for people, e.g.
     its checkpoint path). Returns the directory."""
-    from safetensors.torch import save_file
-
     state = peft_state(model)
     if cfg != state.cfg:
         raise ValueError(f"save_adapter got {cfg}, but the model carries {state.cfg}")
@@ -294,7 +293,7 @@ def save_adapter(model: Transformer, cfg: PeftConfig, directory: str | Path, bas
     meta = {"format": ADAPTER_FORMAT, "peft": dataclasses.asdict(cfg), "base_model": dataclasses.asdict(model.cfg),
             "base_fingerprint": state.base_fingerprint, "base_info": base_info or {},
             "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-    _write_atomic(out / ADAPTER_FILE, lambda p: save_file(tensors, str(p), metadata={"format": str(ADAPTER_FORMAT)}))
+    _write_atomic(out / ADAPTER_FILE, lambda p: save_safetensors(tensors, p, {"format": str(ADAPTER_FORMAT)}))
     _write_atomic(out / ADAPTER_CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return out
 

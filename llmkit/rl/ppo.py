@@ -31,6 +31,7 @@ from torch import Tensor
 from llmkit.config.schema_align import PPOConfig
 from llmkit.data.lm import ListDataset
 from llmkit.errors import InterruptedRun, UserError
+from llmkit.fileio import save_safetensors
 from llmkit.model.heads import ScalarModel
 from llmkit.rl.advantages import (
     AdaptiveKLController,
@@ -319,11 +320,9 @@ class PPOTrainer:
 
     # ----- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
-        from safetensors.torch import save_file
-
         tmp = ckpt.begin_checkpoint(self.ckpt_root, self.iteration)
         ckpt.write_rank_state(tmp, 0, {"sampler": self.generator.get_state(), "torch": torch.get_rng_state()})
-        save_file(ckpt.unique_tensors(self.value.state_dict()), str(tmp / VALUE_WEIGHTS))
+        save_safetensors(ckpt.unique_tensors(self.value.state_dict()), tmp / VALUE_WEIGHTS)
         state = {"optimizer": self.optimizer.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "value_scheduler": self.value_scheduler.state_dict(),
                  "kl": self.kl.state_dict(), "loop": {"iteration": self.iteration, "nonfinite_skips": self.nonfinite_skips}}

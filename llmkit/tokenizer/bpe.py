@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmkit.errors import UserError
+from llmkit.fileio import match_umask
 from llmkit.tokenizer.config import BYTE_ALPHABET, DEFAULT_SPECIAL_TOKENS, EOS_TOKEN, PAD_TOKEN
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(tok.to_str())
+        match_umask(tmp)
         os.replace(tmp, file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

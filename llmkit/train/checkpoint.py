@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UserError
+from llmkit.fileio import save_safetensors
 
 if TYPE_CHECKING:  # torch loads in the functions that need it: `llmkit tokenize` (via rundir) never does
     import torch
@@ -126,9 +127,8 @@ def finish_checkpoint(
 ) -> Path:
     """Main process: write weights, state and meta, mark complete, rename into place, move `latest`."""
     import torch
-    from safetensors.torch import save_file
 
-    save_file(unique_tensors(tensors), str(tmp / WEIGHTS))
+    save_safetensors(unique_tensors(tensors), tmp / WEIGHTS)
     torch.save(train_state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
     for name, source in files.items():

@@ -2,7 +2,9 @@
 resuming from another run's checkpoint, overwrite, the `latest` pointer, paths and damaged files."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,16 @@ def test_resuming_from_a_checkpoint_without_its_rng_file_says_the_file_is_missin
     (checkpoint / "rng_0.pt").unlink()
     done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.resume=auto", "train.max_steps=40")
     assert_refused(done, f"{checkpoint / 'rng_0.pt'} is missing", "incomplete or corrupted")
+
+
+def test_weights_and_tokenizers_get_the_mode_of_the_umask_not_0600(peft_run, tiny_run, tmp_path):
+    from llmkit.tokenizer.bpe import load_tokenizer, save_tokenizer
+
+    mask = os.umask(0o022)
+    try:
+        save_tokenizer(load_tokenizer(tiny_run / "tokenizer.json"), tmp_path)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "tokenizer.json").stat().st_mode) == 0o644
+    for path in (peft_run / "adapter" / "adapter.safetensors", final_checkpoint(peft_run) / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path  # the CLI ran under this process's umask
