@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llmkit.errors import UserError
+from llmkit.fileio import match_umask
 
 BUILD_VERSION = 1  # bump when the cleaning rules change, so old caches are not reused
 MIN_CHARS = 80  # shorter docstrings ("Return x.") carry little text
@@ -120,6 +121,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        match_umask(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import UserError
+from llmkit.fileio import match_umask
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,6 +172,7 @@ def write_token_shards(
                 "for validation: add text (.txt documents are separated by blank lines)"
             )
         for split in SPLITS:
+            match_umask(tmp_paths[split])  # mkstemp makes it 0600
             os.replace(tmp_paths[split], out / f"{split}.bin")
     finally:
         for p in tmp_paths.values():
@@ -209,6 +211,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        match_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -230,8 +233,9 @@ def read_meta(shard_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise UserError(f"{meta_path} is unreadable ({e}): run `llmkit tokenize` again") from None
-    missing = [k for k in ("format", "dtype", "train_tokens", "val_tokens", "vocab_size") if k not in meta]
-    if not isinstance(meta, dict) or missing:
+    fields = ("format", "dtype", "train_tokens", "val_tokens", "vocab_size")
+    missing = [k for k in fields if k not in meta] if isinstance(meta, dict) else list(fields)
+    if missing:
         raise UserError(
             f"{meta_path} lacks {', '.join(missing) or 'its fields'}: run `llmkit tokenize` again"
         )

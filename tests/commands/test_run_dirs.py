@@ -147,5 +147,7 @@ def test_weights_and_tokenizers_get_the_mode_of_the_umask_not_0600(peft_run, tin
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "tokenizer.json").stat().st_mode) == 0o644
-    for path in (peft_run / "adapter" / "adapter.safetensors", final_checkpoint(peft_run) / "model.safetensors"):
+    tokens = Path(json.loads((final_checkpoint(tiny_run) / "meta.json").read_text())["tokens_dir"])
+    for path in (peft_run / "adapter" / "adapter.safetensors", final_checkpoint(peft_run) / "model.safetensors",
+                 tokens / "train.bin", tokens / "val.bin", tokens / "meta.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path  # the CLI ran under this process's umask

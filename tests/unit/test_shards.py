@@ -160,3 +160,10 @@ def test_missing_and_damaged_shards(tok, tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(UserError, match="meta.json is unreadable"):
         read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["5", "[1, 2]", '{"format": 1}'])
+def test_a_meta_json_that_is_not_a_complete_object_is_refused(tmp_path, text):
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(UserError, match=r"meta.json lacks .*run `llmkit tokenize` again"):
+        read_meta(tmp_path)
