@@ -15,7 +15,7 @@ from llmkit.train.checkpoint import read_meta, resolve_checkpoint, write_text_at
 RESUMABLE_CHANGES = (
     "out_dir", "name", "logger.", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
     "train.log_every", "train.resume", "train.overwrite", "train.early_stopping_patience", "train.on_nonfinite",
-    "train.max_nonfinite_skips", "train.device", "train.compile",
+    "train.max_nonfinite_skips", "train.device", "train.compile", "merge",
 )
 
 

@@ -151,3 +151,13 @@ def test_weights_and_tokenizers_get_the_mode_of_the_umask_not_0600(peft_run, tin
     for path in (peft_run / "adapter" / "adapter.safetensors", final_checkpoint(peft_run) / "model.safetensors",
                  tokens / "train.bin", tokens / "val.bin", tokens / "meta.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path  # the CLI ran under this process's umask
+
+
+def test_what_a_resume_may_change_and_what_it_may_not():
+    from llmkit.train.rundir import config_changes
+
+    old = "train:\n  max_steps: 30\n  seed: 0\nmerge: false\n"
+    blocking, harmless = config_changes(old, "train:\n  max_steps: 60\n  seed: 0\nmerge: true\n")
+    assert blocking == [] and harmless == ["merge: False -> True", "train.max_steps: 30 -> 60"]
+    blocking, _ = config_changes(old, "train:\n  max_steps: 30\n  seed: 1\nmerge: false\n")
+    assert blocking == ["train.seed: 0 -> 1"]
