@@ -200,6 +200,15 @@ def report_result(result: Any) -> None:
     print(f"checkpoint: {result.checkpoint}")
 
 
+def shown(path: Path) -> str:
+    """`path` as a message shows it: relative to the working directory when inside it (checkpoints are kept
+    absolute, so that runs record where their base is wherever they are read from)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def check_tokenizer_fits(vocab_size: int, cfg: ModelConfig, source: str) -> None:
     if vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer from {source} has {vocab_size} tokens but model.vocab_size={cfg.vocab_size}; "

@@ -8,7 +8,7 @@ from functools import partial
 from rich.console import Console
 from rich.table import Table
 
-from llmkit.commands.common import inherited_meta, report_result, start_run, write_merged_checkpoint
+from llmkit.commands.common import inherited_meta, report_result, shown, start_run, write_merged_checkpoint
 from llmkit.commands.sft import load_base
 from llmkit.config.schema import PeftRunConfig
 from llmkit.data.instruct import instruction_sets
@@ -64,7 +64,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
         report_result(result)
         size = (run_dir / "adapter" / "adapter.safetensors").stat().st_size
         print(f"adapter: {run_dir / 'adapter'} ({size / 1e3:.1f} kB)")
-        print(f"next: llmkit evaluate 'runs=[{base.checkpoint},{run_dir}]' tasks=[tinyworld_gen]")
+        print(f"next: llmkit evaluate 'runs=[{shown(base.checkpoint)},{run_dir}]' tasks=[tinyworld_gen]")
     return 0
 
 

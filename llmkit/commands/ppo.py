@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from llmkit.commands.common import start_run
+from llmkit.commands.common import shown, start_run
 from llmkit.commands.reward import load_sft_base, pair_meta
 from llmkit.config.schema_align import PPOConfig
 from llmkit.errors import UserError
@@ -54,7 +54,7 @@ def run(cfg: PPOConfig, resolved_yaml: str) -> int:
         (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
         print(f"ppo: {len(prompts)} training prompts ({dropped} too long dropped), {len(val_prompts)} held out; reward: "
               f"{reward.name}; {cfg.rollout.batch_size} responses of <= {cfg.rollout.max_new_tokens} tokens per "
-              f"iteration; starting from {base.checkpoint}; run directory: {run_dir}")
+              f"iteration; starting from {shown(base.checkpoint)}; run directory: {run_dir}")
     run_meta = {**pair_meta(base, "ppo", template, base.model.cfg), "reward": reward.name}
     trainer = PPOTrainer(cfg, models, reward, tokenizer, prompts, val_prompts, runtime, run_dir, run_meta,
                          {"tokenizer.json": run_dir / "tokenizer.json"})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.commands.common import LoadedModel, inherited_meta, load_trained, start_run
+from llmkit.commands.common import LoadedModel, inherited_meta, load_trained, shown, start_run
 from llmkit.config.schema_align import RewardConfig
 from llmkit.data.preference import PreferenceSets, preference_sets
 from llmkit.errors import UserError
@@ -52,7 +52,7 @@ def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[Pre
         s, v = sets.stats, sets.val_stats
         print(f"preference data: {s.pairs} training pairs ({s.identical} identical and {s.too_long} longer than "
               f"{seq_len} tokens dropped), {v.pairs} held out; chat template {template}; "
-              f"starting from {base.checkpoint}; run directory: {run_dir}")
+              f"starting from {shown(base.checkpoint)}; run directory: {run_dir}")
     return sets, template
 
 

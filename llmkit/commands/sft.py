@@ -6,7 +6,7 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
-from llmkit.commands.common import inherited_meta, load_trained, report_result, start_run
+from llmkit.commands.common import inherited_meta, load_trained, report_result, shown, start_run
 from llmkit.config.schema import SFTConfig
 from llmkit.data.instruct import instruction_sets
 from llmkit.errors import UserError
@@ -39,7 +39,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
         print(f"sft data: {s.examples} examples ({s.trained_tokens} of {s.tokens} tokens trained on; "
               f"{s.truncated} truncated, {s.dropped} dropped), "
               f"{sets.train.num_examples(0)} {'packed rows' if cfg.data.packing else 'examples'} of <= {seq_len} tokens; "
-              f"starting from {base.checkpoint}; run directory: {run_dir}")
+              f"starting from {shown(base.checkpoint)}; run directory: {run_dir}")
     spec = TrainSpec(
         command="sft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "sft",

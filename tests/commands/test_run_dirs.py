@@ -161,3 +161,11 @@ def test_what_a_resume_may_change_and_what_it_may_not():
     assert blocking == [] and harmless == ["merge: False -> True", "train.max_steps: 30 -> 60"]
     blocking, _ = config_changes(old, "train:\n  max_steps: 30\n  seed: 1\nmerge: false\n")
     assert blocking == ["train.seed: 0 -> 1"]
+
+
+def test_messages_show_a_checkpoint_relative_to_the_working_directory_when_inside_it(tmp_path, monkeypatch):
+    from llmkit.commands.common import shown
+
+    monkeypatch.chdir(tmp_path)
+    assert shown(tmp_path / "runs" / "pt" / "checkpoints" / "step_000010") == "runs/pt/checkpoints/step_000010"
+    assert shown(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
