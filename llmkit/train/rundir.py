@@ -138,8 +138,8 @@ def training_started(run_dir: Path) -> None:
 
 def settle_replaced(succeeded: bool) -> None:
     """At the end of a command, for the runs still set aside (training never started): delete them when the
-    command succeeded (tokenize replaces shards without training), else put them back in place of the new
-    run's set-up files, so a run replaced by train.overwrite survives any failure before training."""
+    command succeeded anyway, else put them back in place of the new run's set-up files, so a run replaced by
+    train.overwrite survives any failure before training."""
     for path, aside in _replaced.items():
         if succeeded:
             shutil.rmtree(aside, ignore_errors=True)
