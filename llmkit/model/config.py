@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmkit.errors import UserError
@@ -39,13 +40,13 @@ class ModelConfig:
             if value not in choices:
                 raise UserError(f"model.{key}={value!r} is not one of {', '.join(choices)}")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "rope_theta", "norm_eps"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"model.{key} must be positive, got {getattr(self, key)}")
+            if not 0 < getattr(self, key) < math.inf:  # also false for nan
+                raise UserError(f"model.{key} must be positive and finite, got {getattr(self, key)}")
         for key in ("n_kv_head", "d_ff"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise UserError(f"model.{key} must be positive or null (null: the default), got {getattr(self, key)}")
-        if self.init_std < 0:
-            raise UserError(f"model.init_std must be >= 0, got {self.init_std}")
+        if not 0 <= self.init_std < math.inf:
+            raise UserError(f"model.init_std must be >= 0 and finite, got {self.init_std}")
         if self.d_model % self.n_head:
             raise UserError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:

@@ -244,7 +244,9 @@ def test_sdpa_gets_the_causal_fast_path_without_a_mask(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value", [("n_kv_head", -1), ("n_kv_head", 0), ("d_ff", -5), ("init_std", -1.0),
-                                          ("norm_eps", -1.0), ("rope_theta", 0.0), ("dropout", 1.0)])
+                                          ("init_std", math.nan), ("init_std", math.inf), ("norm_eps", -1.0),
+                                          ("norm_eps", math.inf), ("rope_theta", 0.0), ("rope_theta", math.nan),
+                                          ("dropout", 1.0), ("dropout", math.nan)])
 def test_out_of_range_model_settings_are_refused_naming_the_key(field, value):
     """Each of these used to reach torch (a negative dimension, a NaN loss blamed on the learning rate)."""
     with pytest.raises(UserError, match=rf"model\.{field} must be"):
