@@ -96,6 +96,21 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
     return LoadedModel(model.to(device).eval(), tokenizer, meta, checkpoint)
 
 
+def load_start(init_from: str, default: str, needs: str, run_dir: Path, resume: str) -> LoadedModel:
+    """The model a fine-tuning run starts from (`init_from`), with a how-to when the `default` run does not
+    exist yet (`needs`: the command that makes it). A resumed run must start from the same checkpoint as before
+    (its frozen base or reference is rebuilt from it), even when `init_from` names a moving `runs/<cmd>/latest`."""
+    if init_from == default and not Path(init_from).exists():
+        raise UserError(f"{default} does not exist: run {needs} first, or pass init_from=<run or checkpoint>")
+    base = load_trained(init_from)
+    previous = ckpt.resume_checkpoint(resume, run_dir / "checkpoints")
+    started = ckpt.read_meta(previous).get("base") if previous is not None else None
+    if started and Path(started).resolve() != base.checkpoint:
+        raise UserError(f"cannot resume {run_dir}: it started from {started} but init_from={init_from} is now "
+                        f"{base.checkpoint}; pass init_from=<the original checkpoint>")
+    return base
+
+
 def _is_adapter_dir(path: Path) -> bool:
     """Whether `path` is a standalone adapter directory (a PEFT run's `adapter/`), not a checkpoint or run."""
     return (path / "adapter_config.json").is_file() and not (path / ckpt.COMPLETE).is_file() and \

@@ -25,7 +25,7 @@ from llmkit.train.objectives import CausalLM
 
 def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("peft", cfg, resolved_yaml)
-    base = load_base(cfg.init_from, "peft")
+    base = load_base(cfg, "peft", run_dir)
     model, tokenizer, meta = base.model, base.tokenizer, base.meta
     seq_len = cfg.train.seq_len or model.cfg.block_size
     if seq_len > model.cfg.block_size:

@@ -9,32 +9,20 @@ from pathlib import Path
 
 import torch
 
-from llmkit.commands.common import LoadedModel, inherited_meta, load_trained, shown, start_run
+from llmkit.commands.common import LoadedModel, inherited_meta, load_start, shown, start_run
 from llmkit.config.schema_align import RewardConfig
 from llmkit.data.preference import PreferenceSets, preference_sets
 from llmkit.errors import UserError
 from llmkit.model.heads import ScalarModel
 from llmkit.model.transformer import flops_per_token
 from llmkit.rl.rewards import BradleyTerryObjective, PairTrainer, accuracy_by_family
-from llmkit.train import checkpoint as ckpt
 from llmkit.train.loop import TrainSpec
 
 
 def load_sft_base(cfg, command: str, run_dir: Path) -> LoadedModel:
-    """The fine-tuned model to start from, with a how-to when there is none yet.
-
-    A resumed run must start from the same checkpoint as before (its frozen reference is rebuilt from
-    it), even when `init_from` names a moving `runs/sft/latest`.
-    """
-    if cfg.init_from == "runs/sft/latest" and not Path(cfg.init_from).exists():
-        raise UserError(f"`llmkit {command}` starts from a fine-tuned model and runs/sft/latest does not exist: "
-                        "run `llmkit sft` first (after `llmkit pretrain`), or pass init_from=<run or checkpoint>")
-    base = load_trained(cfg.init_from)
-    previous = ckpt.latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume != "never" else None
-    if previous is not None and ckpt.read_meta(previous).get("base") != str(base.checkpoint.resolve()):
-        raise UserError(f"cannot resume {run_dir}: it started from {ckpt.read_meta(previous).get('base')} but "
-                        f"init_from={cfg.init_from} is now {base.checkpoint.resolve()}; pass init_from=<the original checkpoint>")
-    return base
+    """The fine-tuned model to start from (`llmkit reward`, `dpo`, `ppo`), with a how-to when there is none yet."""
+    return load_start(cfg.init_from, "runs/sft/latest", f"`llmkit sft` (after `llmkit pretrain`) before `llmkit "
+                      f"{command}`", run_dir, cfg.train.resume)
 
 
 def pair_data(cfg, base: LoadedModel, run_dir: Path, is_main: bool) -> tuple[PreferenceSets, str]:

@@ -6,7 +6,7 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
-from llmkit.commands.common import inherited_meta, load_trained, report_result, shown, start_run
+from llmkit.commands.common import LoadedModel, inherited_meta, load_start, report_result, shown, start_run
 from llmkit.config.schema import SFTConfig
 from llmkit.data.instruct import instruction_sets
 from llmkit.errors import UserError
@@ -15,17 +15,15 @@ from llmkit.train.loop import Trainer, TrainSpec
 from llmkit.train.objectives import CausalLM
 
 
-def load_base(init_from: str, command: str):
-    """The pretrained model to fine-tune, with a how-to when there is none yet."""
-    if init_from == "runs/pretrain/latest" and not Path(init_from).exists():
-        raise UserError(f"`llmkit {command}` starts from a pretrained model and runs/pretrain/latest does not exist: "
-                        "run `llmkit pretrain` first (minutes on a CPU), or pass init_from=<run or checkpoint>")
-    return load_trained(init_from)
+def load_base(cfg: SFTConfig, command: str, run_dir: Path) -> LoadedModel:
+    """The pretrained model to fine-tune (`llmkit sft`, `llmkit peft`), with a how-to when there is none yet."""
+    return load_start(cfg.init_from, "runs/pretrain/latest", f"`llmkit pretrain` (minutes on a CPU) before `llmkit "
+                      f"{command}`", run_dir, cfg.train.resume)
 
 
 def run(cfg: SFTConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("sft", cfg, resolved_yaml)
-    base = load_base(cfg.init_from, "sft")
+    base = load_base(cfg, "sft", run_dir)
     model, tokenizer, meta = base.model.train(), base.tokenizer, base.meta
     eos_token, pad_token = meta.get("eos_token", "<|endoftext|>"), meta.get("pad_token", "<|pad|>")
     seq_len = cfg.train.seq_len or model.cfg.block_size
