@@ -50,7 +50,7 @@ from llmkit.train.loop import TrainingError, batch_indices
 from llmkit.train.metrics import MetricsLogger, format_duration
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.progress import TrainProgress
-from llmkit.train.rundir import point_latest, training_started
+from llmkit.train.rundir import checkpoint_saved
 from llmkit.train.runtime import Runtime
 from llmkit.train.signals import GracefulStop
 
@@ -275,7 +275,6 @@ class PPOTrainer:
     def run(self) -> Path | None:
         """Iterate to train.max_steps; returns the last checkpoint."""
         cfg = self.cfg.train
-        training_started(self.run_dir)
         last_saved = ckpt.latest_checkpoint(self.ckpt_root)
         if self.iteration == 0:
             self.first_val = self.last_val = self.evaluate()
@@ -328,7 +327,7 @@ class PPOTrainer:
                  "kl": self.kl.state_dict(), "loop": {"iteration": self.iteration, "nonfinite_skips": self.nonfinite_skips}}
         final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.iteration, self.policy.state_dict(), state,
                                        {**self.meta, **self.last_val}, self.files)
-        point_latest(self.run_dir, "ppo")
+        checkpoint_saved(self.run_dir, "ppo")
         ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, None)
         return final
 

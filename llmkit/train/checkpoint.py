@@ -189,6 +189,20 @@ def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def replaced_run(path: Path) -> Path:
+    """Where `train.overwrite` keeps the run it replaces until the new run's first checkpoint (a hidden sibling)."""
+    path = path.resolve()
+    return path.with_name(f".{path.name}.replaced")
+
+
+def _replaced_hint(given: Path) -> str:
+    aside = replaced_run(given)
+    if not aside.is_dir():
+        return ""
+    return (f"; an interrupted train.overwrite left the run it was replacing at {aside}: the same training command "
+            f"on {given} puts it back")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint, run directory, `runs/<cmd>/latest`, a directory of checkpoints
     with a `latest` pointer (a run's `checkpoints/`, a PEFT run's `merged/`) or a weights file."""
@@ -211,12 +225,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         root = given / "checkpoints" if (given / "checkpoints").is_dir() else given  # a run, or its checkpoints
         found = latest_checkpoint(root)
         if found is None:
-            raise UserError(f"{given} has no complete checkpoint yet (a run that stopped before its first save?)")
+            raise UserError(f"{given} has no complete checkpoint yet (a run that stopped before its first save?)"
+                            f"{_replaced_hint(given)}")
         return found
     if given.is_dir() and (given / WEIGHTS).exists():
         raise UserError(f"{given} has no {COMPLETE} marker: the checkpoint was not completely written; "
                         "use an earlier checkpoint of the run")
-    raise UserError(f"{given} is neither a run directory nor a checkpoint (no checkpoints/ or {COMPLETE})")
+    raise UserError(f"{given} is neither a run directory nor a checkpoint (no checkpoints/ or {COMPLETE})"
+                    f"{_replaced_hint(given)}")
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from llmkit.train import checkpoint as ckpt
 from llmkit.train.metrics import MetricsLogger, format_duration, measured_peak_flops
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.progress import TrainProgress
-from llmkit.train.rundir import point_latest, training_started
+from llmkit.train.rundir import checkpoint_saved
 from llmkit.train.runtime import Runtime, set_activation_checkpointing
 from llmkit.train.signals import GracefulStop
 
@@ -231,7 +231,7 @@ class Trainer:
                            "loop": dataclasses.asdict(self.state)}
             meta = {**self.spec.meta, "val_loss": val_loss, "processes": runtime.world_size}
             final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.state.step, tensors, train_state, meta, self.spec.files)
-            point_latest(self.spec.run_dir, self.spec.command)
+            checkpoint_saved(self.spec.run_dir, self.spec.command)
             ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last, self._best_checkpoint())
         runtime.barrier()
         return final
@@ -284,7 +284,6 @@ class Trainer:
         values a step-by-step read would give.
         """
         cfg, runtime, spec = self.cfg, self.runtime, self.spec
-        training_started(spec.run_dir)
         matmul_dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
         peak = measured_peak_flops(runtime.device, matmul_dtype) * runtime.world_size if spec.flops_per_token else 0.0
         self.wrapped.train()

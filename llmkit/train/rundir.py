@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UserError
-from llmkit.train.checkpoint import read_meta, resolve_checkpoint, write_text_atomic
+from llmkit.train.checkpoint import (
+    latest_checkpoint,
+    read_meta,
+    replaced_run,
+    resolve_checkpoint,
+    write_text_atomic,
+)
 
 # Keys that may change when resuming: they do not change what the run computes up to now.
 RESUMABLE_CHANGES = (
@@ -100,20 +106,22 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
         return path, []
     saved = path / "config.yaml"
     _recover_replaced(path)
-    harmless = check_resume_source(command, resume, resolved_yaml) if resume not in ("auto", "never") else []
+    explicit = resume not in ("auto", "never")
+    harmless = check_resume_source(command, resume, resolved_yaml) if explicit else []
+    # resuming continues the run in `path`: auto, or a checkpoint of that same run
+    continues = resume == "auto" or (explicit and resolve_checkpoint(resume).resolve().is_relative_to(path.resolve()))
     if saved.is_file() and not run_started(path):
         pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
-    elif saved.is_file() and resume != "never":
+    elif saved.is_file() and continues:
         harmless = sorted(set(harmless) | set(_resumable_changes(path, resolved_yaml, path)))
     elif saved.is_file() and not overwrite:
         raise UserError(f"{path} already holds a run; pass train.resume=auto to continue it, "
                         "train.overwrite=true to replace it, or choose another out_dir=")
     elif path.is_dir() and any(path.iterdir()) and not saved.is_file():
         raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
+    if saved.is_file() and overwrite and not continues and run_started(path):
+        _set_aside(path)
     try:
-        if saved.is_file() and overwrite and resume == "never" and run_started(path):
-            os.replace(path, _aside(path))  # deleted when training starts, put back if the command fails before
-            _replaced[path] = _aside(path)
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, resolved_yaml)
     except OSError as error:
@@ -121,25 +129,36 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     return path, harmless
 
 
-# train.overwrite sets the run it replaces aside (a hidden sibling) until the new run starts training.
+# train.overwrite sets the run it replaces aside (checkpoint.replaced_run) until the new run's first checkpoint.
 _replaced: dict[Path, Path] = {}
 
 
-def _aside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.replaced")
+def _set_aside(path: Path) -> None:
+    """Move the run that train.overwrite replaces out of the way; it is deleted at the new run's first checkpoint
+    and put back if the command ends before one (see settle_replaced)."""
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise UserError(f"train.overwrite=true would replace {path}, which holds the working directory; run from "
+                        "another directory, or choose another out_dir=")
+    try:
+        os.replace(path, replaced_run(path))
+    except OSError as error:
+        raise UserError(f"cannot set {path} aside to replace it ({error.strerror}); choose another out_dir=") from None
+    _replaced[path.resolve()] = replaced_run(path)
 
 
-def training_started(run_dir: Path) -> None:
-    """The loops call this just before the first step: the run that train.overwrite replaces is deleted now."""
-    aside = _replaced.pop(run_dir, None)
+def checkpoint_saved(run_dir: Path, command: str) -> None:
+    """The loops call this after each checkpoint (main process): the run that train.overwrite replaced is deleted
+    at the first one, and `runs/<command>/latest` points at this run."""
+    aside = _replaced.pop(run_dir.resolve(), None)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+    point_latest(run_dir, command)
 
 
 def settle_replaced(succeeded: bool) -> None:
-    """At the end of a command, for the runs still set aside (training never started): delete them when the
-    command succeeded anyway, else put them back in place of the new run's set-up files, so a run replaced by
-    train.overwrite survives any failure before training."""
+    """At the end of a command, for the runs still set aside (no checkpoint saved): delete them when the command
+    succeeded anyway, else put them back in place of the new run's files, so a run replaced by train.overwrite
+    survives any failure before the new run's first checkpoint."""
     for path, aside in _replaced.items():
         if succeeded:
             shutil.rmtree(aside, ignore_errors=True)
@@ -154,17 +173,20 @@ def _put_back(path: Path, aside: Path) -> None:
 
 
 def _recover_replaced(path: Path) -> None:
-    """Finish an overwrite that a kill interrupted: the old run comes back unless the new one had started training."""
-    aside = _aside(path)
-    if aside.is_dir() and path.is_dir() and run_started(path):
+    """Finish an overwrite that a kill interrupted: the old run comes back unless the new one saved a checkpoint."""
+    aside = replaced_run(path)
+    if not aside.is_dir():
+        return
+    if latest_checkpoint(path / "checkpoints") is not None:
         shutil.rmtree(aside)
-    elif aside.is_dir():
-        _put_back(path, aside)
+    else:
+        _put_back(path.resolve(), aside)
 
 
 def point_latest(path: Path, command: str) -> None:
     """Point `runs/<command>/latest` at the run `path` (only inside a runs/<command>/ folder). The loops call it
     after each checkpoint, so `latest` names the run that saved last, never one that failed before saving."""
+    path = path.resolve()  # the run itself, also when it was named through `latest`
     if path.parent.name != command:
         return
     link = path.parent / "latest"

@@ -71,14 +71,66 @@ def test_resuming_from_another_runs_checkpoint_with_harmless_changes_continues_i
     assert (tmp_path / "out" / "checkpoints" / f"step_{step + 1:06d}" / "COMPLETE").is_file()
 
 
-def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_training(tiny_run, cli, tmp_path):
+@pytest.mark.parametrize(("setting", "words"), [("tokens_dir=no-such-dir", ["no-such-dir"]),
+                                              ("train.batch_size=100000", ["fewer than one batch"])],
+                         ids=["before-the-loop", "in-the-first-step"])
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(setting, words, tiny_run, cli,
+                                                                                         tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, symlinks=True)
     before = snapshot(run)
-    done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.overwrite=true", "tokens_dir=no-such-dir")
-    assert_refused(done, "no-such-dir")
+    done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.overwrite=true", setting)
+    assert_refused(done, *words)
     assert snapshot(run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left aside
+
+
+def test_a_run_in_the_working_directory_and_one_named_through_latest(cli, tmp_path):
+    here = tmp_path / "here"
+    here.mkdir()
+    done = cli("pretrain", "tiny/pretrain", "out_dir=.", "train.max_steps=2", "logger.tensorboard=false", cwd=here)
+    assert done.returncode == 0, done.stderr
+    assert_refused(cli("pretrain", "tiny/pretrain", "out_dir=.", "train.overwrite=true", cwd=here),
+                   "holds the working directory")
+    assert (here / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+    assert cli("pretrain", "tiny/pretrain", "name=a", "train.max_steps=2", "logger.tensorboard=false").returncode == 0
+    done = cli("pretrain", "tiny/pretrain", "out_dir=runs/pretrain/latest", "train.resume=auto", "train.max_steps=3",
+               "logger.tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs" / "pretrain" / "latest").readlink() == Path("a")  # not a link to itself
+
+
+def test_resuming_another_runs_checkpoint_into_a_directory_holding_a_run_needs_overwrite(tiny_run, cli, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other, symlinks=True)
+    before = snapshot(other)
+    source = final_checkpoint(tiny_run)
+    done = cli("pretrain", "tiny/pretrain", f"out_dir={other}", f"train.resume={source}", "train.max_steps=40")
+    assert_refused(done, f"{other} already holds a run", "train.overwrite=true")
+    assert snapshot(other) == before
+
+
+def test_a_sft_run_resumed_after_its_init_from_moved_is_refused(tiny_run, cli, tmp_path):
+    """The same init_from, but it names another run now (as runs/pretrain/latest does after a new pretrain)."""
+    sft = ["sft", "tiny/sft", "out_dir=sft", "init_from=base", "logger.tensorboard=false"]
+    (tmp_path / "base").symlink_to(tiny_run)
+    assert cli(*sft, "train.max_steps=2").returncode == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_run, moved, symlinks=True)
+    (tmp_path / "base").unlink()
+    (tmp_path / "base").symlink_to(moved)
+    done = cli(*sft, "train.resume=auto", "train.max_steps=4")
+    assert_refused(done, "cannot resume", "it started from", str(moved), "the original checkpoint")
+
+
+def test_a_loader_says_where_an_interrupted_overwrite_left_the_old_run(tmp_path):
+    from llmkit.train.checkpoint import resolve_checkpoint
+
+    (tmp_path / ".run.replaced" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("the new run's set-up\n")
+    with pytest.raises(UserError, match=r"interrupted train.overwrite left .*\.run\.replaced.*puts it back"):
+        resolve_checkpoint(tmp_path / "run")
 
 
 def test_an_overwrite_killed_before_training_is_undone_by_the_next_command(tiny_run, tmp_path):
