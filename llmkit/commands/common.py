@@ -101,7 +101,7 @@ def load_start(init_from: str, default: str, needs: str, run_dir: Path, resume: 
     exist yet (`needs`: the command that makes it). A resumed run must start from the same checkpoint as before
     (its frozen base or reference is rebuilt from it), even when `init_from` names a moving `runs/<cmd>/latest`."""
     if init_from == default and not Path(init_from).exists():
-        raise UserError(f"{default} does not exist: run {needs} first, or pass init_from=<run or checkpoint>")
+        raise UserError(f"{default} does not exist: run {needs}; or pass init_from=<run or checkpoint>")
     base = load_trained(init_from)
     previous = ckpt.resume_checkpoint(resume, run_dir / "checkpoints")
     started = ckpt.read_meta(previous).get("base") if previous is not None else None

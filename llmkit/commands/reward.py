@@ -21,7 +21,7 @@ from llmkit.train.loop import TrainSpec
 
 def load_sft_base(cfg, command: str, run_dir: Path) -> LoadedModel:
     """The fine-tuned model to start from (`llmkit reward`, `dpo`, `ppo`), with a how-to when there is none yet."""
-    return load_start(cfg.init_from, "runs/sft/latest", f"`llmkit sft` (after `llmkit pretrain`) before `llmkit "
+    return load_start(cfg.init_from, "runs/sft/latest", f"`llmkit sft` (after `llmkit pretrain`), then `llmkit "
                       f"{command}`", run_dir, cfg.train.resume)
 
 

@@ -17,7 +17,7 @@ from llmkit.train.objectives import CausalLM
 
 def load_base(cfg: SFTConfig, command: str, run_dir: Path) -> LoadedModel:
     """The pretrained model to fine-tune (`llmkit sft`, `llmkit peft`), with a how-to when there is none yet."""
-    return load_start(cfg.init_from, "runs/pretrain/latest", f"`llmkit pretrain` (minutes on a CPU) before `llmkit "
+    return load_start(cfg.init_from, "runs/pretrain/latest", f"`llmkit pretrain` (minutes on a CPU), then `llmkit "
                       f"{command}`", run_dir, cfg.train.resume)
 
 

@@ -221,3 +221,9 @@ def test_messages_show_a_checkpoint_relative_to_the_working_directory_when_insid
     monkeypatch.chdir(tmp_path)
     assert shown(tmp_path / "runs" / "pt" / "checkpoints" / "step_000010") == "runs/pt/checkpoints/step_000010"
     assert shown(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
+
+
+@pytest.mark.parametrize(("command", "words"), [("sft", ["runs/pretrain/latest does not exist", "`llmkit pretrain`"]),
+                                                ("dpo", ["runs/sft/latest does not exist", "`llmkit sft`"])])
+def test_a_fine_tuning_command_with_nothing_to_start_from_says_what_to_run(command, words, cli):
+    assert_refused(cli(command, f"tiny/{command}"), *words, "init_from=")
