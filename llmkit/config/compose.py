@@ -166,6 +166,12 @@ def _unknown_key(key: str, root_type: type, where: str = "") -> str:
     return f"unknown config key '{key}'{where}; {hint}"
 
 
+def _bad_value(key: str, reason: str, where: str = "") -> str:
+    if "is not a ListConfig" in reason:
+        return f"bad value for '{key}'{where}: it takes a list, e.g. [first, second] (one item: [item])"
+    return f"bad value for '{key}'{where}: {reason}"
+
+
 def _explain(error: Exception, root_type: type, recipe: str | None = None) -> str:
     """One clear line for a Hydra/OmegaConf composition failure."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -177,9 +183,7 @@ def _explain(error: Exception, root_type: type, recipe: str | None = None) -> st
         return _unknown_key(key, root_type)
     if isinstance(cause, ValidationError) and key:
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
-        if "is not a ListConfig" in first:
-            return f"bad value for '{key}': it takes a list, e.g. '{key}=[first,second]' (one item: '{key}=[item]')"
-        return f"bad value for '{key}': {first}"
+        return _bad_value(key, first)
     text = str(error)
     if "full_key:" in text:  # a failure inside a config file (a recipe, a conf/ group), which Hydra names first
         lines = [line.strip() for line in text.splitlines()]
@@ -190,7 +194,7 @@ def _explain(error: Exception, root_type: type, recipe: str | None = None) -> st
         where = f" in {recipe}" if source in ("user/recipe", recipe) else f" in {source}.yaml" if source else ""
         if "ConfigKeyError" in text:
             return _unknown_key(key, root_type, where)
-        return f"bad value for '{key}'{where}: {reason}"
+        return _bad_value(key, reason, where)
     if isinstance(error, MissingConfigException):
         text = str(error)
         missing = text.split("Could not find '", 1)[-1].split("'", 1)[0]

@@ -165,7 +165,9 @@ def test_a_recipe_file_without_a_package_line_sets_global_keys_and_lists_want_br
     (tmp_path / "my.yaml").write_text("train:\n  max_steps: 7\n")
     done = cli("pretrain", "my.yaml", "--print-config")
     assert done.returncode == 0 and "max_steps: 7" in done.stdout, done.stderr
-    assert_refused(cli("evaluate", "runs=runs/pt"), "'runs'", "takes a list", "'runs=[item]'")
+    assert_refused(cli("evaluate", "runs=runs/pt"), "'runs'", "takes a list", "[item]")
+    (tmp_path / "list.yaml").write_text("sampling:\n  stop: abc\n")
+    assert_refused(cli("generate", "list.yaml"), "'sampling.stop' in list.yaml", "takes a list", "[item]")
 
 def test_merging_a_method_that_cannot_merge_is_refused_before_training(cli, tmp_path):
     assert_refused(cli("peft", "tiny/peft", "peft=prefix", "merge=true", "out_dir=run"),
