@@ -319,7 +319,7 @@ def _jsonl_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.rstrip("\r\n"))  # without its newline, an error at the end keeps its column
         except json.JSONDecodeError as e:
             raise UserError(
                 f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "

@@ -137,7 +137,9 @@ def test_malformed_jsonl(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text('{"text": "ok"}\n{"text": "broken",}\n')
     msg = fails(f)
-    assert f"{f}:2: not valid JSON" in msg and "column" in msg
+    assert f"{f}:2: not valid JSON" in msg and "at column 19" in msg
+    f.write_text('{"text": "ok"}\n{"text": "cut short"\n')
+    assert "at column 21" in fails(f)  # just past the end of the line, not column 1 of the next
     f.write_text('{"text": "ok"}\n["a list"]\n')
     assert f"{f}:2: expected a JSON object" in fails(f)
 
