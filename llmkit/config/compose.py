@@ -130,7 +130,7 @@ def _checked_recipe_text(path: Path) -> str:
         raise UserError(f"recipe file {path} cannot be read: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = f" line {min(mark.line + 1, len(text.splitlines()))}" if mark else ""  # (end of file: its last line)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise UserError(f"recipe file {path}{where}: not valid YAML ({problem})") from None
     if content is not None and not isinstance(content, dict):

@@ -149,7 +149,7 @@ RECIPE_FILE_CASES = [
     ("typo", "# @package _global_\ntrain:\n  max_step: 3\n",
      ["unknown config key 'train.max_step' in my.yaml", "did you mean train.max_steps"]),
     ("bad-value", "# @package _global_\ntrain:\n  max_steps: abc\n", ["'train.max_steps' in my.yaml", "'abc'"]),
-    ("broken-yaml", "# @package _global_\ntrain:\n  max_steps: [3\n", ["my.yaml line 4", "not valid YAML"]),
+    ("broken-yaml", "# @package _global_\ntrain:\n  max_steps: [3\n", ["my.yaml line 3", "not valid YAML"]),
     ("a-list", "- train\n- model\n", ["my.yaml must be a mapping of config keys", "not a list"]),
 ]
 
