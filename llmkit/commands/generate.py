@@ -11,9 +11,11 @@ from llmkit.commands.common import load_trained, resolve_device
 from llmkit.config.schema import GenerateConfig
 from llmkit.errors import UserError
 
+DEFAULT_PROMPT = "Return the"  # the start of many docstrings in the embedded corpus
+
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
-    """Prompts from `prompts_file` (one per line), `prompts` or `prompt`; refusing empty ones."""
+    """Prompts from `prompts_file` (one per line), `prompts` or `prompt` (at most one is set); refusing empty ones."""
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         if not path.is_file():
@@ -25,8 +27,8 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
         if not prompts:
             raise UserError(f"prompts_file {path} has no prompts (one per line expected)")
         return prompts
-    prompts = list(cfg.prompts) or ([cfg.prompt] if cfg.prompt is not None else [])
-    if not prompts or any(not p.strip() for p in prompts):
+    prompts = list(cfg.prompts) or [DEFAULT_PROMPT if cfg.prompt is None else cfg.prompt]
+    if any(not p.strip() for p in prompts):
         raise UserError("give a non-empty prompt: prompt='Once upon a time', 'prompts=[a,b]' or prompts_file=<file>")
     return prompts
 

@@ -222,7 +222,7 @@ class GenerateConfig:
     """`llmkit generate`: sample continuations of prompts from a run or checkpoint."""
 
     run: str = "runs/pretrain/latest"  # a run directory, a checkpoint directory, or runs/<command>/latest
-    prompt: str | None = "Return the"  # one prompt: prompt='Once upon a time'
+    prompt: str | None = None  # one prompt: prompt='Once upon a time'; with no prompt given: 'Return the'
     prompts: list[str] = field(default_factory=list)  # several: 'prompts=[first prompt,second prompt]'
     prompts_file: str | None = None  # a text file with one prompt per line
     chat: bool | None = None  # wrap each prompt as a user turn; None: when the run was fine-tuned on chats
@@ -234,6 +234,10 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
+        given = [key for key, value in (("prompt", self.prompt), ("prompts", self.prompts),
+                                        ("prompts_file", self.prompts_file)) if value not in (None, [])]
+        _check(len(given) <= 1, f"{' and '.join(given)} are set together; give one of prompt=, 'prompts=[...]' "
+                                f"or prompts_file= (the others would be ignored)")
 
 
 @dataclass

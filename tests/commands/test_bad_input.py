@@ -395,13 +395,15 @@ PROMPT_CASES = [
     ("blank-prompts-file", b"\n   \n\n", ["prompts.txt", "no prompts"]),
     ("missing-prompts-file", None, ["prompts.txt", "does not exist"]),
     ("empty-prompt", "prompt=''", ["non-empty prompt", "prompts_file="]),
+    ("prompt-and-prompts", ["prompt=Once", "prompts=[a,b]"], ["prompt and prompts are set together", "give one"]),
+    ("prompts-and-file", ["prompts=[a]", "prompts_file=p.txt"], ["prompts and prompts_file", "ignored"]),
 ]
 
 
 @pytest.mark.parametrize("content,words", [c[1:] for c in PROMPT_CASES], ids=[c[0] for c in PROMPT_CASES])
 def test_missing_or_empty_prompts_are_refused(content, words, cli, tiny_run, tmp_path):
-    if isinstance(content, str):
-        args = [content]
+    if isinstance(content, (str, list)):
+        args = [content] if isinstance(content, str) else content
     else:
         if content is not None:
             (tmp_path / "prompts.txt").write_bytes(content)
