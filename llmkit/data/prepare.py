@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
 
     console = console or Console(highlight=False)
     target = out_dir or cached_tokens_dir(corpus, tok_cfg)
+    settle_killed_swaps(target)
     if out_dir is None and (target / META_FILE).is_file():
         return target, None
     if tok_cfg.path:
@@ -86,7 +88,8 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
 @contextmanager
 def replaced_on_success(target: Path, hint: str) -> Iterator[Path]:
     """A fresh sibling directory to fill; on success it replaces ``target``, on any error it is removed and
-    ``target`` stays as it was. ``hint`` says what to do when the parent is not writable."""
+    ``target`` stays as it was. Entries of ``target`` the new directory lacks (a user's .gitignore) are copied
+    into it before the swap. ``hint`` says what to do when the parent is not writable."""
     target = target.resolve()  # a name to put the sibling beside, even for out_dir=.
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def replaced_on_success(target: Path, hint: str) -> Iterator[Path]:
         if not target.exists():
             tmp.rename(target)
             return
+        _copy_missing_entries(target, tmp)
         old = tmp.with_suffix(".old")
         target.rename(old)
         try:
@@ -109,6 +113,45 @@ def replaced_on_success(target: Path, hint: str) -> Iterator[Path]:
         shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_missing_entries(source: Path, dest: Path) -> None:
+    for entry in source.iterdir():
+        copy = dest / entry.name
+        if copy.exists() or copy.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, copy, symlinks=True)
+        else:
+            shutil.copy2(entry, copy, follow_symlinks=False)
+
+
+def settle_killed_swaps(target: Path) -> None:
+    """Clean up after a `replaced_on_success` that was killed: its half-built ``.partial`` sibling goes, and its
+    ``.old`` one (the earlier directory) is put back if the kill came between the two renames, else removed.
+    Siblings of a process still running are left alone."""
+    target = target.resolve()
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-[0-9a-f]{{8}}\.(partial|old)")
+    if not target.parent.is_dir():
+        return
+    for sibling in sorted(target.parent.iterdir(), key=lambda p: p.suffix != ".old"):  # .old ones first
+        found = pattern.fullmatch(sibling.name)
+        if not found or _running(int(found[1])):
+            continue
+        if found[2] == "old" and not target.exists():
+            sibling.rename(target)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def describe(stats: ShardStats) -> str:

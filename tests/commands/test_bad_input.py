@@ -8,11 +8,14 @@ payload would create a marker file.
 """
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
+
+from llmkit.data.prepare import settle_killed_swaps
 
 
 class Payload:
@@ -361,13 +364,37 @@ def test_a_non_empty_directory_that_is_not_a_run_is_left_untouched(command, cli,
 
 
 def test_tokenizing_again_into_the_same_directory_works(cli, tmp_path):
+    """... keeping a user's hidden files there, and clearing what a killed earlier swap left beside it."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"document {i}: the value of x is {i * 7}" for i in range(20)) + "\n")
-    for _ in range(2):
+    shard_files = {"config.yaml", "meta.json", "tokenizer.json", "train.bin", "val.bin"}
+    for attempt in range(2):
         done = cli("tokenize", "tokenizer=bpe512", "data=files", f"data.path={corpus}", "out_dir=tok")
         assert done.returncode == 0, done.stderr
-        assert {"config.yaml", "meta.json", "tokenizer.json", "train.bin", "val.bin"} <= {
-            p.name for p in (tmp_path / "tok").iterdir()}
+        assert {p.name for p in (tmp_path / "tok").iterdir()} == shard_files | ({".gitignore", ".notes"} if attempt else set())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tok"]
+        (tmp_path / "tok" / ".gitignore").write_text("*.bin\n")
+        (tmp_path / "tok" / ".notes").mkdir(exist_ok=True)
+        (tmp_path / "tok" / ".notes" / "todo.txt").write_text("check the split\n")
+        for leftover in (".tok.999999999-0123abcd.partial", ".tok.999999999-4567cdef.old"):  # no such process
+            (tmp_path / leftover).mkdir()
+            (tmp_path / leftover / "train.bin").write_bytes(b"\0\0")
+    assert (tmp_path / "tok" / ".gitignore").read_text() == "*.bin\n"
+    assert (tmp_path / "tok" / ".notes" / "todo.txt").read_text() == "check the split\n"
+    settle_killed_swaps(tmp_path / "tok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tok"]
+
+
+def test_a_tokenize_killed_between_its_renames_gets_the_earlier_shards_back(tmp_path):
+    earlier = tmp_path / ".tok.999999999-89abcdef.old"
+    earlier.mkdir()
+    (earlier / "meta.json").write_text("{}")
+    (tmp_path / ".tok.999999999-89abcdef.partial").mkdir()
+    running = tmp_path / f".tok.{os.getpid()}-01234567.partial"  # a live process's: left alone
+    running.mkdir()
+    settle_killed_swaps(tmp_path / "tok")
+    assert (tmp_path / "tok" / "meta.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "tok"]
 
 
 def test_a_failed_re_tokenisation_leaves_the_earlier_shards_untouched(cli, tmp_path):
