@@ -51,9 +51,9 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
         code = 130
     except Exception as error:
         code = _report(error, console)
-    from llmkit.train.rundir import settle_replaced
+    from llmkit.train.rundir import settle_run_dirs
 
-    settle_replaced(succeeded=code == 0)
+    settle_run_dirs(succeeded=code == 0)
     raise typer.Exit(code)
 
 

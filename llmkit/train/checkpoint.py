@@ -178,6 +178,14 @@ def resume_checkpoint(resume: str, root: Path) -> Path | None:
     return latest_checkpoint(root) if resume == "auto" else resolve_checkpoint(resume)
 
 
+def refuse_past_the_end(source: Path, reached: int, max_steps: int, unit: str) -> None:
+    """A resume whose train.max_steps lies before the checkpoint's step would leave a run past its own end."""
+    if reached > max_steps:
+        raise UserError(f"{source} is at {unit} {reached}, past train.max_steps={max_steps}: give train.max_steps="
+                        f"{reached} or more (more trains further), or resume from an earlier checkpoint "
+                        "(train.resume=<checkpoint directory>)")
+
+
 def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:
     """Delete old checkpoints, keeping the newest `keep_last`, the best one, and whatever `latest` names."""
     found = complete_checkpoints(root)

@@ -17,11 +17,14 @@ from llmkit.train.checkpoint import (
     write_text_atomic,
 )
 
-# Keys that may change when resuming: they do not change what the run computes up to now.
+# Keys that may change when resuming: they leave what the run computed up to now as it was (train.max_steps reshapes
+# a decaying schedule from the resumed step on, and the message says so; device, compile and activation
+# checkpointing compute the same things, possibly with other rounding in the last bits).
 RESUMABLE_CHANGES = (
     "out_dir", "name", "logger.", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
     "train.log_every", "train.resume", "train.overwrite", "train.early_stopping_patience", "train.on_nonfinite",
-    "train.max_nonfinite_skips", "train.device", "train.compile", "merge",
+    "train.max_nonfinite_skips", "train.device", "train.compile", "train.prefetch", "train.activation_checkpointing",
+    "merge",
 )
 
 
@@ -55,6 +58,9 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            if key == "train.max_steps" and new.get("sched.name") not in (None, "constant"):
+                line += (f" (the {new['sched.name']} learning-rate schedule now ends at step {new[key]}: the "
+                         "learning rate changes from the resumed step on)")
             (harmless if key.startswith(RESUMABLE_CHANGES) else blocking).append(line)
     return blocking, harmless
 
@@ -114,6 +120,7 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
         pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
     elif saved.is_file() and continues:
         harmless = sorted(set(harmless) | set(_resumable_changes(path, resolved_yaml, path)))
+        _earlier_configs[path.resolve()] = saved.read_text()
     elif saved.is_file() and not overwrite:
         raise UserError(f"{path} already holds a run; pass train.resume=auto to continue it, "
                         "train.overwrite=true to replace it, or choose another out_dir=")
@@ -129,13 +136,15 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     return path, harmless
 
 
-# train.overwrite sets the run it replaces aside (checkpoint.replaced_run) until the new run's first checkpoint.
+# Undone when the command fails before its first checkpoint (settle_run_dirs): train.overwrite sets the run it
+# replaces aside (checkpoint.replaced_run); a resume rewrites config.yaml with its harmless changes.
 _replaced: dict[Path, Path] = {}
+_earlier_configs: dict[Path, str] = {}
 
 
 def _set_aside(path: Path) -> None:
     """Move the run that train.overwrite replaces out of the way; it is deleted at the new run's first checkpoint
-    and put back if the command ends before one (see settle_replaced)."""
+    and put back if the command ends before one (see settle_run_dirs)."""
     if Path.cwd().resolve().is_relative_to(path.resolve()):
         raise UserError(f"train.overwrite=true would replace {path}, which holds the working directory; run from "
                         "another directory, or choose another out_dir=")
@@ -148,23 +157,28 @@ def _set_aside(path: Path) -> None:
 
 def checkpoint_saved(run_dir: Path, command: str) -> None:
     """The loops call this after each checkpoint (main process): the run that train.overwrite replaced is deleted
-    at the first one, and `runs/<command>/latest` points at this run."""
+    at the first one, a resumed run's new config.yaml stays, and `runs/<command>/latest` points at this run."""
+    _earlier_configs.pop(run_dir.resolve(), None)
     aside = _replaced.pop(run_dir.resolve(), None)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     point_latest(run_dir, command)
 
 
-def settle_replaced(succeeded: bool) -> None:
-    """At the end of a command, for the runs still set aside (no checkpoint saved): delete them when the command
-    succeeded anyway, else put them back in place of the new run's files, so a run replaced by train.overwrite
-    survives any failure before the new run's first checkpoint."""
+def settle_run_dirs(succeeded: bool) -> None:
+    """At the end of a command that saved no checkpoint in a run: if it failed, a run replaced by train.overwrite
+    is put back in place of the new run's files, and a resumed run gets its earlier config.yaml back (a resume
+    refused after the directory was set up leaves no trace); if it succeeded, the replaced run is deleted."""
     for path, aside in _replaced.items():
         if succeeded:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             _put_back(path, aside)
+    for path, text in _earlier_configs.items():
+        if not succeeded and (path / "config.yaml").is_file():
+            write_text_atomic(path / "config.yaml", text)
     _replaced.clear()
+    _earlier_configs.clear()
 
 
 def _put_back(path: Path, aside: Path) -> None:

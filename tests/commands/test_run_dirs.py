@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from llmkit.errors import UserError
-from tests.commands.test_bad_input import assert_refused, snapshot
+from llmkit.train.checkpoint import latest_checkpoint
+from tests.commands.test_bad_input import assert_refused, copy_run, snapshot
 from tests.conftest import run_llmkit
 
 
@@ -119,8 +120,10 @@ def test_a_sft_run_resumed_after_its_init_from_moved_is_refused(tiny_run, cli, t
     shutil.copytree(tiny_run, moved, symlinks=True)
     (tmp_path / "base").unlink()
     (tmp_path / "base").symlink_to(moved)
+    config = (tmp_path / "sft" / "config.yaml").read_text()
     done = cli(*sft, "train.resume=auto", "train.max_steps=4")
     assert_refused(done, "cannot resume", "it started from", str(moved), "the original checkpoint")
+    assert (tmp_path / "sft" / "config.yaml").read_text() == config  # max_steps=4 was not written into it
 
 
 def test_a_loader_says_where_an_interrupted_overwrite_left_the_old_run(tmp_path):
@@ -208,9 +211,13 @@ def test_weights_and_tokenizers_get_the_mode_of_the_umask_not_0600(peft_run, tin
 def test_what_a_resume_may_change_and_what_it_may_not():
     from llmkit.train.rundir import config_changes
 
-    old = "train:\n  max_steps: 30\n  seed: 0\nmerge: false\n"
-    blocking, harmless = config_changes(old, "train:\n  max_steps: 60\n  seed: 0\nmerge: true\n")
-    assert blocking == [] and harmless == ["merge: False -> True", "train.max_steps: 30 -> 60"]
+    old = "train:\n  max_steps: 30\n  seed: 0\n  prefetch: true\nmerge: false\n"
+    blocking, harmless = config_changes(old, "train:\n  max_steps: 60\n  seed: 0\n  prefetch: false\nmerge: true\n")
+    assert blocking == [] and harmless == ["merge: False -> True", "train.max_steps: 30 -> 60", "train.prefetch: True -> False"]
+    _, harmless = config_changes(old + "sched:\n  name: cosine\n",
+                                 "train:\n  max_steps: 20\n  seed: 0\n  prefetch: true\nsched:\n  name: cosine\n")
+    assert harmless[-1] == ("train.max_steps: 30 -> 20 (the cosine learning-rate schedule now ends at step 20: the "
+                            "learning rate changes from the resumed step on)")
     blocking, _ = config_changes(old, "train:\n  max_steps: 30\n  seed: 1\nmerge: false\n")
     assert blocking == ["train.seed: 0 -> 1"]
 
@@ -227,3 +234,12 @@ def test_messages_show_a_checkpoint_relative_to_the_working_directory_when_insid
                                                 ("dpo", ["runs/sft/latest does not exist", "`llmkit sft`"])])
 def test_a_fine_tuning_command_with_nothing_to_start_from_says_what_to_run(command, words, cli):
     assert_refused(cli(command, f"tiny/{command}"), *words, "init_from=")
+
+
+def test_a_resume_with_max_steps_before_the_checkpoint_is_refused_and_leaves_the_run_as_it_was(tiny_run, cli, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = snapshot(run)
+    last = int(latest_checkpoint(run / "checkpoints").name.split("_")[1])
+    done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.resume=auto", f"train.max_steps={last - 1}")
+    assert_refused(done, f"at step {last}", f"past train.max_steps={last - 1}", f"train.max_steps={last} or more")
+    assert snapshot(run) == before  # config.yaml too: the refused max_steps was not written into it
