@@ -12,9 +12,8 @@ from llmkit.commands.common import inherited_meta, report_result, shown, start_r
 from llmkit.commands.sft import load_base
 from llmkit.config.schema import PeftRunConfig
 from llmkit.data.instruct import instruction_sets
-from llmkit.data.lm import TokenWindows
+from llmkit.data.lm import shard_windows
 from llmkit.data.prepare import prepare_tokens
-from llmkit.data.shards import load_shard
 from llmkit.errors import UserError
 from llmkit.model.transformer import flops_per_token
 from llmkit.peft.apply import adapter_state_dict, apply_peft, merge_adapter, save_adapter, trainable_summary
@@ -39,8 +38,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     else:
         tok_cfg = TokenizerConfig(path=str(run_dir / "tokenizer.json"), eos_token=meta.get("eos_token", "<|endoftext|>"))
         tokens_dir, _ = prepare_tokens(cfg.corpus, tok_cfg, out_dir=run_dir / "tokens")
-        train_set = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=cfg.train.seed)
-        val_set = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False)
+        train_set, val_set = shard_windows(tokens_dir, seq_len, cfg.train.seed)
     info = apply_peft(model, cfg.peft, tokenizer)
     if runtime.is_main:
         print_summary(model, info)

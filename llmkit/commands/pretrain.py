@@ -10,9 +10,9 @@ from pathlib import Path
 from llmkit.commands.common import build_model, check_tokenizer_fits, load_trained, report_result, start_run
 from llmkit.config.schema import PretrainConfig
 from llmkit.data.config import CorpusConfig
-from llmkit.data.lm import TokenWindows
+from llmkit.data.lm import shard_windows
 from llmkit.data.prepare import describe, prepare_tokens
-from llmkit.data.shards import check_tokenizer, load_shard, read_meta
+from llmkit.data.shards import check_tokenizer, read_meta
 from llmkit.errors import UserError
 from llmkit.model.transformer import flops_per_token
 from llmkit.tokenizer.bpe import TOKENIZER_FILE, load_tokenizer
@@ -40,8 +40,7 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     if seq_len > cfg.model.block_size:
         raise UserError(f"train.seq_len={seq_len} is longer than the model's context model.block_size="
                         f"{cfg.model.block_size}; lower train.seq_len or raise model.block_size")
-    train_set = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=cfg.train.seed)
-    val_set = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False)
+    train_set, val_set = shard_windows(tokens_dir, seq_len, cfg.train.seed)
     model = build_model(cfg.model, cfg.train.seed)
     if source is not None:
         ckpt.load_weights(model, source.model.state_dict(), source.checkpoint)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,11 +18,16 @@ class TokenWindows:
     epoch sees new window boundaries while batches stay a pure function of (seed, step).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shift_each_epoch: bool = True):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shift_each_epoch: bool = True,
+                 sha256: str | None = None):
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.shift_each_epoch = shift_each_epoch
+        self.sha256 = sha256  # of the tokens' bytes, from the shards' meta.json (None: shards written before it)
+
+    def fingerprint(self) -> str | None:
+        return self.sha256
 
     def offset(self, epoch: int) -> int:
         if not self.shift_each_epoch or epoch == 0:
@@ -49,8 +56,33 @@ class ListDataset:
     def num_examples(self, epoch: int) -> int:
         return len(self.items)
 
+    def fingerprint(self) -> str:
+        """sha256 over the examples (a second or two for tens of millions of tokens, once per run)."""
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(repr(item).encode())
+        return digest.hexdigest()
+
     def example(self, epoch: int, index: int) -> Any:
         return self.items[index]
 
     def collate(self, examples: list[Any]) -> dict[str, torch.Tensor]:
         return self._collate(examples)
+
+
+def shard_windows(tokens_dir: Path, seq_len: int, seed: int) -> tuple[TokenWindows, TokenWindows]:
+    """Training windows (a new offset each epoch) and validation windows (fixed) of a shard directory."""
+    from llmkit.data.shards import load_shard, read_meta
+
+    meta = read_meta(tokens_dir)
+    train = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=seed, sha256=meta.get("train_sha256"))
+    val = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False, sha256=meta.get("val_sha256"))
+    return train, val
+
+
+def data_fingerprint(*datasets: Any) -> str | None:
+    """One sha256 over what the data sets hold (None where a set cannot say: shards without checksums)."""
+    parts = ["-" if d is None else d.fingerprint() for d in datasets]
+    if any(part is None for part in parts):
+        return None
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()

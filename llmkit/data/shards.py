@@ -10,6 +10,7 @@ last and marks the directory complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -137,6 +138,7 @@ def write_token_shards(
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets (>= 0.20)
     stats = ShardStats()
     tmp_paths = {s: Path(tempfile.mkstemp(dir=out, prefix=f"{s}.bin.", suffix=".tmp")[1]) for s in SPLITS}
+    digests = {s: hashlib.sha256() for s in SPLITS}  # recorded in meta.json: a resume on other data is refused
     start = time.perf_counter()
     try:
         with (
@@ -158,8 +160,10 @@ def write_token_shards(
                         stats.train_documents += 1
                     stats.documents += 1
                     stats.bytes += len(doc.encode("utf-8"))
-                np.asarray(train_ids, dtype=dtype).tofile(train_f)
-                np.asarray(val_ids, dtype=dtype).tofile(val_f)
+                for ids, file, digest in ((train_ids, train_f, digests["train"]), (val_ids, val_f, digests["val"])):
+                    array = np.asarray(ids, dtype=dtype)
+                    array.tofile(file)
+                    digest.update(array.data)
                 stats.train_tokens += len(train_ids)
                 stats.val_tokens += len(val_ids)
                 if on_progress is not None:
@@ -186,6 +190,7 @@ def write_token_shards(
         "eos_id": eos_id,
         "val_fraction": val_fraction,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        **{f"{split}_sha256": digest.hexdigest() for split, digest in digests.items()},
         **{k: v for k, v in asdict(stats).items() if k != "seconds"},
         "seconds": round(stats.seconds, 3),
         "bytes_per_token": round(stats.bytes_per_token, 4),

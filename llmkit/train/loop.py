@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
+from llmkit.data.lm import data_fingerprint
 from llmkit.errors import InterruptedRun, SettingsError, UserError
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.metrics import MetricsLogger, format_duration, measured_peak_flops
@@ -53,6 +54,7 @@ class StepDataset(Protocol):
     def num_examples(self, epoch: int) -> int: ...
     def example(self, epoch: int, index: int) -> Any: ...
     def collate(self, examples: list[Any]) -> Batch: ...
+    def fingerprint(self) -> str | None: ...  # sha256 of the data; None: unknown (no resume check)
 
 
 @dataclass
@@ -159,7 +161,9 @@ class Trainer:
         self.state = LoopState()
         self.ckpt_root = spec.run_dir / "checkpoints"
         source = ckpt.resume_checkpoint(cfg.resume, self.ckpt_root)
+        self.data_sha256 = data_fingerprint(spec.train_set, spec.val_set)
         if source is not None:  # weights go into the whole model, before any sharding
+            self._refuse_other_data(source)
             self._load_weights(source)
         runtime.shard(self.model)  # FSDP2, in place, before the optimizer takes the parameters
         self.optimizer = build_optimizer(self.model, optim, runtime.device.type)
@@ -183,6 +187,15 @@ class Trainer:
         self.next_batches: tuple[int, Future[list[Batch]]] | None = None
 
     # ----- resume -------------------------------------------------------------------------------
+    def _refuse_other_data(self, source: Path) -> None:
+        """The batches of a resumed run are those of the data it was saved with: other data (an edited corpus or
+        data file under the same settings) would not continue it."""
+        saved = ckpt.read_meta(source).get("data_sha256")
+        if saved is not None and self.data_sha256 is not None and saved != self.data_sha256:
+            raise SettingsError(f"cannot resume {source}: the training or validation data differ from the data "
+                                "it was trained on (the data files changed since); restore them, or train on the new "
+                                f"data in a new run (init_from={source} out_dir=<new dir>)")
+
     def _load_weights(self, source: Path) -> None:
         saved = self.spec.saved_tensors(self.model) if self.spec.saved_tensors else None
         tensors = ckpt.read_tensors(source / ckpt.WEIGHTS)
@@ -230,7 +243,8 @@ class Trainer:
                 tensors = full if chosen is None else {name: full[name] for name in chosen}
             train_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "loop": dataclasses.asdict(self.state)}
-            meta = {**self.spec.meta, "val_loss": val_loss, "processes": runtime.world_size}
+            meta = {**self.spec.meta, "val_loss": val_loss, "processes": runtime.world_size,
+                    "data_sha256": self.data_sha256}
             final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.state.step, tensors, train_state, meta, self.spec.files)
             checkpoint_saved(self.spec.run_dir, self.spec.command)
             ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last, self._best_checkpoint())

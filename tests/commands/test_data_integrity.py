@@ -16,12 +16,6 @@ def checkpoint_meta(run: Path) -> dict:
     return json.loads((root / (root / "latest").read_text().strip() / "meta.json").read_text())
 
 
-def kept(run: Path) -> dict[str, bytes]:
-    """What a refused resume must leave as it was: all but config.yaml, which a resume rewrites (with only the
-    changes a resume allows) before the data is checked."""
-    return {name: data for name, data in snapshot(run).items() if name != "config.yaml"}
-
-
 def test_the_shard_cache_follows_what_the_data_files_hold(cli, tmp_path):
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus, "document {i}: the value of x is {i}.", 200)
@@ -53,12 +47,31 @@ def test_shards_of_another_tokenizer_are_refused_wherever_weights_read_them(cli,
     assert cli("pretrain", "tiny/pretrain", "tokens_dir=tok", "train.max_steps=1", "out_dir=run").returncode == 0
     assert cli(*tokenize, "data.max_documents=200").returncode == 0  # another corpus, another BPE
     run = tmp_path / "run"
-    before = kept(run)
+    before = snapshot(run)
     cases = [(("evaluate", "runs=[run]", "output=eval.json"), "heldout=data"),
              (("pretrain", "tiny/pretrain", "tokens_dir=tok", "train.max_steps=2", "train.resume=auto", "out_dir=run"),
               "tokens_dir"),
              (("pretrain", "tiny/pretrain", "tokens_dir=tok", "init_from=run", "out_dir=next"), "tokens_dir")]
     for args, fix in cases:
         assert_refused(cli(*args), "tok were encoded with", "tok/tokenizer.json", "run/checkpoints/step_000001", fix)
-    assert kept(run) == before
+    assert snapshot(run) == before
     assert not (tmp_path / "eval.json").exists() and only_setup_files(tmp_path / "next")
+
+
+def test_a_resume_on_edited_data_under_the_same_settings_and_tokenizer_is_refused(cli, tiny_run, tmp_path):
+    """The shards' checksums (meta.json) go into each checkpoint: a resume on other tokens would not continue the run."""
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, "document {i}: the value of x is {i}.", 200)
+    args = ("pretrain", "tiny/pretrain", "data=files", f"data.path={corpus}", f"tokenizer.path={tiny_run}/tokenizer.json",
+            "out_dir=run", "logger.tensorboard=false")
+    assert cli(*args, "train.max_steps=1").returncode == 0
+    run = tmp_path / "run"
+    before = snapshot(run)
+    write_corpus(corpus, "document {i}: the value of x is {i}.", 201)  # one more document
+    done = cli(*args, "train.max_steps=2", "train.resume=auto")
+    assert_refused(done, "cannot resume run/checkpoints/step_000001", "data differ", "restore them", "init_from=")
+    assert snapshot(run) == before
+    write_corpus(corpus, "document {i}: the value of x is {i}.", 200)  # restored (a new mtime: tokenised again)
+    done = cli(*args, "train.max_steps=2", "train.resume=auto")
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout

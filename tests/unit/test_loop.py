@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmkit.config.schema import LoggerConfig, OptimConfig, SchedConfig, TrainConfig
-from llmkit.data.lm import TokenWindows
+from llmkit.data.lm import ListDataset, TokenWindows, data_fingerprint
 from llmkit.errors import SettingsError, UserError
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer, flops_per_token
@@ -85,9 +85,9 @@ def test_accumulation_matches_one_big_batch_and_mean_of_means_does_not():
 
 
 class Windows(TokenWindows):
-    def __init__(self, n=4000, seed=0):
+    def __init__(self, n=4000, seed=0, sha256=None):
         rng = np.random.default_rng(seed)
-        super().__init__(rng.integers(0, 64, n), 16, seed=seed)
+        super().__init__(rng.integers(0, 64, n), 16, seed=seed, sha256=sha256)
 
 
 class PoisonAt(CausalLM):
@@ -105,12 +105,12 @@ class PoisonAt(CausalLM):
         return (loss * math.nan if training and (self.calls + 1) // 2 in self.steps else loss), metrics
 
 
-def make_trainer(tmp_path: Path, objective, **train):
+def make_trainer(tmp_path: Path, objective, data_sha256: str | None = None, **train):
     cfg = TrainConfig(**{"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "eval_every": 3, "save_every": 3,
                          "log_every": 1, **train})
     torch.manual_seed(0)
-    spec = TrainSpec(command="test", model=Transformer(TINY), objective=objective, train_set=Windows(),
-                     val_set=Windows(800, 1), run_dir=tmp_path, meta={"model": {}})
+    spec = TrainSpec(command="test", model=Transformer(TINY), objective=objective, train_set=Windows(sha256=data_sha256),
+                     val_set=Windows(800, 1, sha256="val"), run_dir=tmp_path, meta={"model": {}})
     return Trainer(spec, cfg, OptimConfig(lr=1e-2), SchedConfig(warmup_steps=0), LoggerConfig(tensorboard=False,
                    progress=False), setup_runtime("cpu"))
 
@@ -220,3 +220,22 @@ def test_a_repeated_signal_within_a_second_is_one_request_and_a_later_ctrl_c_exi
         os.kill(os.getpid(), signal.SIGINT)
         assert exits == [130]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resume_on_other_data_is_refused_and_one_without_checksums_is_not_checked(tmp_path):
+    make_trainer(tmp_path, CausalLM(), data_sha256="abc", max_steps=3).run()
+    assert ckpt.read_meta(tmp_path / "checkpoints" / "step_000003")["data_sha256"] is not None
+    with pytest.raises(SettingsError, match="step_000003: the training or validation data differ"):
+        make_trainer(tmp_path, CausalLM(), data_sha256="abd", resume="auto")
+    assert make_trainer(tmp_path, CausalLM(), data_sha256="abc", resume="auto").state.step == 3
+    assert make_trainer(tmp_path, CausalLM(), data_sha256=None, resume="auto").state.step == 3  # old shards: unknown
+
+
+def test_a_list_of_examples_is_fingerprinted_by_every_token():
+    examples = [([1, 2, 3], [2, 3, -100]), ([4, 5], [5, -100])]
+    same = ListDataset([tuple(list(part) for part in e) for e in examples], list).fingerprint()
+    assert ListDataset(examples, list).fingerprint() == same
+    assert ListDataset([examples[0], ([4, 6], [6, -100])], list).fingerprint() != same
+    assert ListDataset(examples[::-1], list).fingerprint() != same
+    assert data_fingerprint(ListDataset(examples, list), None) != data_fingerprint(None, ListDataset(examples, list))
+    assert data_fingerprint(ListDataset(examples, list), Windows()) is None  # shards without checksums: unknown
