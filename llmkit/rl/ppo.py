@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from llmkit.config.schema_align import PPOConfig
-from llmkit.data.lm import ListDataset
+from llmkit.data.lm import ListDataset, data_fingerprint
 from llmkit.errors import InterruptedRun, UserError
 from llmkit.fileio import save_safetensors
 from llmkit.model.heads import ScalarModel
@@ -99,6 +99,8 @@ class PPOTrainer:
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
         self.prompts = ListDataset(prompts, list)
         self.val_prompts = val_prompts
+        self.data_sha256 = data_fingerprint(*(ListDataset([(p.ids, p.answer) for p in items], list)
+                                              for items in (prompts, val_prompts)))
         self.eos_id = tokenizer.token_to_id(meta.get("eos_token", "<|endoftext|>"))
         pad_id = tokenizer.token_to_id(meta.get("pad_token", "<|pad|>"))
         self.pad_id = pad_id if pad_id is not None else 0
@@ -326,7 +328,7 @@ class PPOTrainer:
                  "scheduler": self.scheduler.state_dict(), "value_scheduler": self.value_scheduler.state_dict(),
                  "kl": self.kl.state_dict(), "loop": {"iteration": self.iteration, "nonfinite_skips": self.nonfinite_skips}}
         final = ckpt.finish_checkpoint(self.ckpt_root, tmp, self.iteration, self.policy.state_dict(), state,
-                                       {**self.meta, **self.last_val}, self.files)
+                                       {**self.meta, **self.last_val, "data_sha256": self.data_sha256}, self.files)
         checkpoint_saved(self.run_dir, "ppo")
         ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, None)
         return final
@@ -338,6 +340,7 @@ class PPOTrainer:
         source = ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else ckpt.resolve_checkpoint(resume)
         if source is None:
             return False
+        ckpt.refuse_other_data(source, self.data_sha256)
         ckpt.load_weights(self.policy, ckpt.read_tensors(source / ckpt.WEIGHTS), source)
         ckpt.load_weights(self.value, ckpt.read_tensors(source / VALUE_WEIGHTS), source)
         state = ckpt.load_train_state(source / "state.pt")

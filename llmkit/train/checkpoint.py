@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit.errors import UserError
+from llmkit.errors import SettingsError, UserError
 from llmkit.fileio import save_safetensors
 
 if TYPE_CHECKING:  # torch loads in the functions that need it: `llmkit tokenize` (via rundir) never does
@@ -184,6 +184,16 @@ def refuse_past_the_end(source: Path, reached: int, max_steps: int, unit: str) -
         raise UserError(f"{source} is at {unit} {reached}, past train.max_steps={max_steps}: give train.max_steps="
                         f"{reached} or more (more trains further), or resume from an earlier checkpoint "
                         "(train.resume=<checkpoint directory>)")
+
+
+def refuse_other_data(source: Path, data_sha256: str | None) -> None:
+    """A resumed run must go on with the data it was saved with: other data under the same settings (an edited
+    corpus or data file) would not continue it. Every process checks alike (SettingsError: printed once)."""
+    saved = read_meta(source).get("data_sha256")
+    if saved is not None and data_sha256 is not None and saved != data_sha256:
+        raise SettingsError(f"cannot resume {source}: the training or validation data differ from the data it was "
+                            "trained on (the data files changed since); restore them, or train on the new data in a "
+                            f"new run (init_from={source} out_dir=<new dir>)")
 
 
 def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:

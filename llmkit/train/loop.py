@@ -163,7 +163,7 @@ class Trainer:
         source = ckpt.resume_checkpoint(cfg.resume, self.ckpt_root)
         self.data_sha256 = data_fingerprint(spec.train_set, spec.val_set)
         if source is not None:  # weights go into the whole model, before any sharding
-            self._refuse_other_data(source)
+            ckpt.refuse_other_data(source, self.data_sha256)
             self._load_weights(source)
         runtime.shard(self.model)  # FSDP2, in place, before the optimizer takes the parameters
         self.optimizer = build_optimizer(self.model, optim, runtime.device.type)
@@ -187,15 +187,6 @@ class Trainer:
         self.next_batches: tuple[int, Future[list[Batch]]] | None = None
 
     # ----- resume -------------------------------------------------------------------------------
-    def _refuse_other_data(self, source: Path) -> None:
-        """The batches of a resumed run are those of the data it was saved with: other data (an edited corpus or
-        data file under the same settings) would not continue it."""
-        saved = ckpt.read_meta(source).get("data_sha256")
-        if saved is not None and self.data_sha256 is not None and saved != self.data_sha256:
-            raise SettingsError(f"cannot resume {source}: the training or validation data differ from the data "
-                                "it was trained on (the data files changed since); restore them, or train on the new "
-                                f"data in a new run (init_from={source} out_dir=<new dir>)")
-
     def _load_weights(self, source: Path) -> None:
         saved = self.spec.saved_tensors(self.model) if self.spec.saved_tensors else None
         tensors = ckpt.read_tensors(source / ckpt.WEIGHTS)

@@ -130,6 +130,8 @@ def test_ppo_sigkill_then_resume_is_bit_identical(ppo_reference, tiny_sft, cache
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
     final = "checkpoints/step_000006"
+    sha = json.loads((run / final / "meta.json").read_text())["data_sha256"]  # the prompts, checked on resume
+    assert sha is not None and sha == json.loads((ppo_reference / final / "meta.json").read_text())["data_sha256"]
     for name in ("model.safetensors", "value.safetensors"):
         ours, theirs = load_file(str(run / final / name)), load_file(str(ppo_reference / final / name))
         assert ours.keys() == theirs.keys()

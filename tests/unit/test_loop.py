@@ -239,3 +239,14 @@ def test_a_list_of_examples_is_fingerprinted_by_every_token():
     assert ListDataset(examples[::-1], list).fingerprint() != same
     assert data_fingerprint(ListDataset(examples, list), None) != data_fingerprint(None, ListDataset(examples, list))
     assert data_fingerprint(ListDataset(examples, list), Windows()) is None  # shards without checksums: unknown
+
+
+def test_the_data_check_refuses_only_a_known_other_fingerprint(tmp_path):
+    """ckpt.refuse_other_data, shared by the supervised loop and PPO."""
+    (tmp_path / "meta.json").write_text(json.dumps({"data_sha256": "abc"}))
+    ckpt.refuse_other_data(tmp_path, "abc")
+    ckpt.refuse_other_data(tmp_path, None)  # data whose checksum is unknown
+    with pytest.raises(SettingsError, match="data differ"):
+        ckpt.refuse_other_data(tmp_path, "abd")
+    (tmp_path / "meta.json").write_text(json.dumps({}))  # a checkpoint from before the check
+    ckpt.refuse_other_data(tmp_path, "abd")
