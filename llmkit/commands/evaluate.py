@@ -27,7 +27,11 @@ def heldout_tokens(cfg: EvaluateConfig, loaded: LoadedModel) -> tuple[np.ndarray
             ids.append(eos)
         return np.asarray(ids, dtype=np.int64), f"{cfg.data.source}:{cfg.data.path or cfg.data.hub_name or ''}"
     tokens_dir = loaded.meta.get("tokens_dir")
-    if not tokens_dir or not Path(tokens_dir, "meta.json").is_file():
+    if not tokens_dir:
+        raise UserError(f"{loaded.checkpoint} records no validation split of its own (an imported model has none); "
+                        "score a corpus with heldout=data data.source=... , or "
+                        "set perplexity=false tasks=[...]")
+    if not Path(tokens_dir, "meta.json").is_file():
         raise UserError(f"{loaded.checkpoint}: its validation split ({tokens_dir}) is not available here; "
                         "evaluate on a corpus instead with heldout=data data.source=... ")
     check_tokenizer(tokens_dir, loaded.tokenizer, f"the tokenizer of {loaded.checkpoint}",

@@ -72,14 +72,12 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     )
 
 
-def config_to_hf(cfg: ModelConfig, family: str) -> Any:
-    """An HF GPT2Config or LlamaConfig describing the same architecture as `cfg`."""
-    import transformers
-
+def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
+    """The HF GPT2Config / LlamaConfig settings (config.json keys) describing the same architecture as `cfg`."""
     if family == "gpt2":
         if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, cfg.kv_heads) != ("layernorm", "learned", "gelu", True, cfg.n_head):
             raise UserError("only GPT-2 style models (layernorm, learned, gelu, bias, no GQA) export as gpt2")
-        return transformers.GPT2Config(
+        return dict(
             vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer,
             n_head=cfg.n_head, n_inner=cfg.ff_dim, activation_function="gelu_new",
             layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
@@ -88,7 +86,7 @@ def config_to_hf(cfg: ModelConfig, family: str) -> Any:
     if family == "llama":
         if (cfg.norm, cfg.pos, cfg.mlp) != ("rmsnorm", "rope", "swiglu"):
             raise UserError("only Llama style models (rmsnorm, rope, swiglu) export as llama")
-        return transformers.LlamaConfig(
+        return dict(
             vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, hidden_size=cfg.d_model,
             intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
             num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
@@ -97,6 +95,14 @@ def config_to_hf(cfg: ModelConfig, family: str) -> Any:
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         )
     raise UserError(f"unknown HF family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def config_to_hf(cfg: ModelConfig, family: str) -> Any:
+    """An HF GPT2Config or LlamaConfig describing the same architecture as `cfg`."""
+    import transformers
+
+    settings = hf_config_dict(cfg, family)
+    return (transformers.GPT2Config if family == "gpt2" else transformers.LlamaConfig)(**settings)
 
 
 def _llama_names(cfg: ModelConfig) -> dict[str, str]:

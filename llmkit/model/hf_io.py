@@ -1,0 +1,229 @@
+"""HF transformers model directories (GPT-2 and Llama families) in and out of llmkit checkpoints.
+
+    python -m llmkit.model.hf_io import <HF model directory> <checkpoint directory>
+    python -m llmkit.model.hf_io export <run or checkpoint> <HF model directory>
+
+An imported checkpoint is an ordinary llmkit checkpoint directory (weights, meta.json, tokenizer.json, COMPLETE):
+every command takes it as `init_from=` or `run=`. An exported directory loads with
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Neither needs transformers: config.json
+is JSON, weights are safetensors (a pickled pytorch_model.bin is refused), names go through `llmkit.model.hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from llmkit.errors import UserError
+from llmkit.model.config import ModelConfig
+from llmkit.model.hf import config_from_hf, family_of, hf_config_dict, state_dict_from_hf, state_dict_to_hf
+
+# What transformers assumes when config.json leaves a key out (GPT2Config / LlamaConfig defaults).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+             "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False, "rope_theta": 10000.0},
+}
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
+    """Our ModelConfig and the family of an HF model directory's config.json."""
+    path = hf_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{hf_dir} has no config.json: pass an HF model directory (save_pretrained's output)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a JSON object")
+    family = family_of(SimpleNamespace(model_type=raw.get("model_type")))
+    settings = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None or k not in HF_DEFAULTS[family]}}
+    if family == "llama" and settings["num_key_value_heads"] is None:
+        settings["num_key_value_heads"] = settings["num_attention_heads"]
+    try:
+        cfg = config_from_hf(SimpleNamespace(**settings))
+    except (TypeError, ValueError, AttributeError) as error:  # a key of the wrong type, or one we do not default
+        raise UserError(f"{path}: {error}") from None
+    return dataclasses.replace(cfg, name=hf_dir.name), family
+
+
+def weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of an HF model directory: model.safetensors, or the shards its index names."""
+    if (hf_dir / WEIGHTS).is_file():
+        return [hf_dir / WEIGHTS]
+    if (hf_dir / INDEX).is_file():
+        try:
+            weight_map = json.loads((hf_dir / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            return [hf_dir / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{hf_dir / INDEX} is not a safetensors index ({error!r})") from None
+    if any(hf_dir.glob("*.bin")):
+        raise UserError(f"{hf_dir} holds pickled weights (*.bin) only: refused, since unpickling can run code; save "
+                        "the model with safe_serialization=True (the default of save_pretrained) first")
+    raise UserError(f"{hf_dir} has neither {WEIGHTS} nor {INDEX}")
+
+
+def read_hf_weights(files: list[Path], family: str) -> dict[str, Any]:
+    """One HF state dict from safetensors files (GPT2Model names get GPT2LMHeadModel's `transformer.` prefix)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise UserError(f"{file} is not a readable safetensors file ({error})") from None
+    if family == "gpt2" and not any(k.startswith("transformer.") for k in state):  # GPT2Model names (the hub's gpt2)
+        state = {k if k == "lm_head.weight" else f"transformer.{k}": v for k, v in state.items()}
+    return state
+
+
+def _token_name(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def import_hf(hf_dir: Path, out: Path) -> Path:
+    """Write the HF model at `hf_dir` as an llmkit checkpoint directory `out` (fp32 weights)."""
+    from llmkit.data.prepare import replaced_on_success
+    from llmkit.fileio import save_safetensors
+    from llmkit.model.transformer import Transformer
+    from llmkit.tokenizer.bpe import load_tokenizer
+    from llmkit.train import checkpoint as ckpt
+
+    if not hf_dir.is_dir():
+        raise UserError(f"HF model directory {hf_dir} does not exist")
+    _refuse_non_empty(out)
+    cfg, family = read_hf_config(hf_dir)
+    files = weight_files(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise UserError(f"{hf_dir} has no tokenizer.json (a fast tokenizer's file): save the tokenizer with "
+                        "AutoTokenizer.from_pretrained(...).save_pretrained(dir) first")
+    tokenizer = load_tokenizer(hf_dir / "tokenizer.json")
+    special = _read_json_object(hf_dir / "tokenizer_config.json")
+    eos = _token_name(special.get("eos_token")) or "<|endoftext|>"
+    if tokenizer.token_to_id(eos) is None:
+        raise UserError(f"{hf_dir}: its end-of-text token {eos!r} is not in tokenizer.json; set eos_token in "
+                        "tokenizer_config.json")
+    model = Transformer(cfg)
+    tensors = {k: v.float() for k, v in state_dict_from_hf(read_hf_weights(files, family), cfg, family).items()}
+    ckpt.load_weights(model, tensors, hf_dir)
+    meta = {"command": "import", "model": dataclasses.asdict(cfg), "hf_source": str(hf_dir.resolve()),
+            "hf_family": family, "eos_token": eos, "pad_token": _token_name(special.get("pad_token")) or eos, "step": 0}
+    if isinstance(special.get("chat_template"), str):  # generate and sft then wrap prompts in it
+        meta["chat_template"] = special["chat_template"]
+    with replaced_on_success(out, "choose another output directory") as tmp:
+        save_safetensors(ckpt.unique_tensors(model.state_dict()), tmp / ckpt.WEIGHTS)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / ckpt.COMPLETE).write_text("0\n")
+    return out
+
+
+def export_hf(source: str, out: Path) -> Path:
+    """Write the model of a run or checkpoint as an HF model directory `out` (config, weights, tokenizer)."""
+    from llmkit.data.prepare import replaced_on_success
+    from llmkit.fileio import save_safetensors
+    from llmkit.tokenizer.bpe import load_tokenizer
+    from llmkit.train import checkpoint as ckpt
+
+    checkpoint = ckpt.resolve_checkpoint(source)
+    meta = ckpt.read_meta(checkpoint)
+    if meta.get("kind") == "adapter" or (checkpoint / "adapter_config.json").exists():
+        raise UserError(f"{checkpoint} is a PEFT adapter: export the merged model (`llmkit peft merge=true` writes "
+                        "<peft run>/merged), or the base model it adapts")
+    if meta.get("kind") == "reward" or "model" not in meta:
+        raise UserError(f"{checkpoint} holds no language model to export (reward models and foreign checkpoints "
+                        "have no HF causal-LM equivalent)")
+    _refuse_non_empty(out)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    family = family_of_config(cfg)
+    tensors = ckpt.read_tensors(checkpoint / ckpt.WEIGHTS)
+    if cfg.tie_embeddings:
+        tensors.setdefault("lm_head.weight", tensors["tok_emb.weight"])
+    hf_state = state_dict_to_hf(tensors, cfg, family)
+    if cfg.tie_embeddings:
+        hf_state.pop("lm_head.weight")  # transformers ties it to the input embedding
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    eos = meta.get("eos_token", "<|endoftext|>")
+    pad = meta.get("pad_token")
+    config = {**hf_config_dict(cfg, family), "architectures": [ARCHITECTURES[family]], "model_type": family,
+              "torch_dtype": "float32", "eos_token_id": tokenizer.token_to_id(eos), "bos_token_id": tokenizer.token_to_id(eos)}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                        "eos_token": eos, "bos_token": eos,
+                        **({"pad_token": pad} if pad and tokenizer.token_to_id(pad) is not None else {})}
+    if meta.get("chat_template"):
+        from llmkit.tokenizer.chat import resolve_template
+
+        tokenizer_config["chat_template"] = resolve_template(meta["chat_template"])
+    with replaced_on_success(out, "choose another output directory") as tmp:
+        save_safetensors(hf_state, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
+    return out
+
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def family_of_config(cfg: ModelConfig) -> str:
+    """The HF family whose architecture `cfg` is, or UserError naming what does not fit either."""
+    if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, cfg.kv_heads) == ("layernorm", "learned", "gelu", True, cfg.n_head):
+        return "gpt2"
+    if (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
+        return "llama"
+    raise UserError(f"model {cfg.name!r} (norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}) is neither "
+                    "GPT-2 style (layernorm, learned, gelu, bias, no GQA) nor Llama style (rmsnorm, rope, swiglu): "
+                    "no HF architecture holds it")
+
+
+def _refuse_non_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose another output directory")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not readable JSON ({error})") from None
+    return data if isinstance(data, dict) else {}
+
+
+USAGE = """usage: python -m llmkit.model.hf_io import <HF model directory> <checkpoint directory>
+       python -m llmkit.model.hf_io export <run or checkpoint> <HF model directory>"""
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("import", "export"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        if argv[0] == "import":
+            out = import_hf(Path(argv[1]), Path(argv[2]))
+            print(f"wrote {out}: use it as init_from={out} or run={out}")
+        else:
+            out = export_hf(argv[1], Path(argv[2]))
+            print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,142 @@
+"""HF model directories in and out: an imported save_pretrained directory gives HF's logits through llmkit's
+loader; an exported checkpoint loads back in transformers with the same logits and token ids; bad input is refused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmkit.commands.common import load_trained
+from llmkit.errors import UserError
+from llmkit.model.hf_io import export_hf, import_hf
+from llmkit.tokenizer.bpe import train_bpe
+from tests.unit.test_hf_parity import randomize
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    docs = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)]
+    return train_bpe(docs, 320, ["<|endoftext|>", "<|pad|>"], 2, False)
+
+
+def hf_model(family: str, vocab: int):
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+        torch.manual_seed(0)
+        return randomize(transformers.GPT2LMHeadModel(cfg))
+    cfg = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=32, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return randomize(transformers.LlamaForCausalLM(cfg))
+
+
+def save_hf_dir(model, tokenizer, path: Path, chat_template: str | None = None) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+              **({"chat_template": chat_template} if chat_template else {})}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        out = model(tokens)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_import_then_export_keeps_the_logits_and_the_tokenizer(family, tokenizer, tmp_path):
+    vocab = tokenizer.get_vocab_size()
+    hf = hf_model(family, vocab)
+    source = save_hf_dir(hf, tokenizer, tmp_path / "hf", chat_template="{{ messages[0]['content'] }}")
+    tokens = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(1))
+    reference = logits(hf, tokens)
+
+    checkpoint = import_hf(source, tmp_path / "imported")
+    loaded = load_trained(str(checkpoint))
+    torch.testing.assert_close(logits(loaded.model, tokens), reference, rtol=1e-4, atol=1e-5)
+    assert loaded.meta["eos_token"] == "<|endoftext|>" and loaded.meta["pad_token"] == "<|pad|>"
+    assert loaded.meta["chat_template"] == "{{ messages[0]['content'] }}"
+
+    exported = export_hf(str(checkpoint), tmp_path / "exported")
+    back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    torch.testing.assert_close(logits(back, tokens), reference, rtol=1e-4, atol=1e-5)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    text = "def f3(x):\n    return x * 3"
+    assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
+    assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|pad|>"
+
+
+def test_gpt2_weights_without_the_transformer_prefix_import(tokenizer, tmp_path):
+    """The hub's gpt2 stores GPT2Model names (h.0.attn..., no lm_head): still mapped, and tied."""
+    hf = hf_model("gpt2", tokenizer.get_vocab_size())
+    source = save_hf_dir(hf, tokenizer, tmp_path / "hf")
+    state = load_file(source / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"},
+              source / "model.safetensors", metadata={"format": "pt"})
+    tokens = torch.arange(12).view(1, 12)
+    loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
+    torch.testing.assert_close(logits(loaded.model, tokens), logits(hf, tokens), rtol=1e-4, atol=1e-5)
+
+
+def refused(call, *words):
+    with pytest.raises(UserError) as error:
+        call()
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_bad_hf_directories_and_exports_are_refused(tokenizer, tmp_path):
+    source = save_hf_dir(hf_model("llama", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    refused(lambda: import_hf(tmp_path / "nowhere", tmp_path / "a"), "nowhere", "does not exist")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    refused(lambda: import_hf(source, busy), "busy", "not empty")
+    assert (busy / "keep.txt").read_text() == "mine"
+
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    refused(lambda: import_hf(tmp_path / "bert", tmp_path / "b"), "model_type 'bert'", "gpt2, llama")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((source / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    refused(lambda: import_hf(pickled, tmp_path / "c"), "pickled weights", "safe_serialization")
+    (source / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    refused(lambda: import_hf(source, tmp_path / "d"), "no tokenizer.json", "save_pretrained")
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+    (tmp_path / "tokenizer.json").rename(source / "tokenizer.json")
+    checkpoint = import_hf(source, tmp_path / "imported")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["model"]["mlp"] = "gelu"  # rmsnorm + rope + gelu: neither family
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    refused(lambda: export_hf(str(checkpoint), tmp_path / "e"), "neither", "GPT-2 style", "Llama style")
+
+
+def test_the_module_runs_as_a_command_and_its_output_feeds_llmkit(tokenizer, tmp_path):
+    source = save_hf_dir(hf_model("gpt2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    run = [sys.executable, "-m", "llmkit.model.hf_io"]
+    done = subprocess.run([*run, "import", str(source), str(tmp_path / "ckpt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"init_from={tmp_path / 'ckpt'}" in done.stdout
+    done = subprocess.run([*run, "import", str(tmp_path / "nowhere"), str(tmp_path / "x")], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "llmkit", "generate", f"run={tmp_path / 'ckpt'}", "prompt=def f",
+                           "sampling.max_new_tokens=4", "sampling.temperature=0", "chat=false"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("def f")
+    done = subprocess.run([sys.executable, "-m", "llmkit", "evaluate", f"runs=[{tmp_path / 'ckpt'}]"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "records no validation split" in done.stderr and "heldout=data" in done.stderr
