@@ -27,6 +27,9 @@ def start_run(command: str, cfg: Any, resolved_yaml: str) -> tuple[Runtime, Path
         from accelerate.utils import broadcast_object_list
 
         run_dir = Path(broadcast_object_list([str(run_dir) if runtime.is_main else ""])[0])
+    resumed = ckpt.resume_checkpoint(cfg.train.resume, run_dir / "checkpoints")
+    if resumed is not None:  # before the changes are reported as allowed
+        ckpt.refuse_past_the_end(resumed, cfg.train.max_steps, "iteration" if command == "ppo" else "step")
     runtime.barrier()
     seed_everything(cfg.train.seed)
     if harmless and runtime.is_main:

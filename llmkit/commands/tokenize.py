@@ -37,5 +37,5 @@ def _refuse_what_is_not_shards(path: Path) -> None:
         return
     other = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.name not in SHARD_FILES)
     if other:
-        raise UserError(f"{path} holds a run ({', '.join(other[:5])}), not token shards; tokenizing there would "
-                        "replace it: choose another out_dir=")
+        raise UserError(f"{path} holds more than token shards ({', '.join(other[:5])}: a training run's files, or "
+                        "yours); tokenizing there would replace them: choose another out_dir=")

@@ -55,7 +55,7 @@ def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
         cfg = config_from_hf(SimpleNamespace(**settings))
     except (TypeError, ValueError, AttributeError) as error:  # a key of the wrong type, or one we do not default
         raise UserError(f"{path}: {error}") from None
-    return dataclasses.replace(cfg, name=hf_dir.name), family
+    return dataclasses.replace(cfg, name=hf_dir.resolve().name), family
 
 
 def weight_files(hf_dir: Path) -> list[Path]:
@@ -110,6 +110,9 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         raise UserError(f"{hf_dir} has no tokenizer.json (a fast tokenizer's file): save the tokenizer with "
                         "AutoTokenizer.from_pretrained(...).save_pretrained(dir) first")
     tokenizer = load_tokenizer(hf_dir / "tokenizer.json")
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise UserError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the model's "
+                        f"vocab_size={cfg.vocab_size} in config.json: the tokenizer does not belong to this model")
     special = _read_json_object(hf_dir / "tokenizer_config.json")
     eos = _token_name(special.get("eos_token")) or "<|endoftext|>"
     if tokenizer.token_to_id(eos) is None:
@@ -137,11 +140,14 @@ def export_hf(source: str, out: Path) -> Path:
     from llmkit.tokenizer.bpe import load_tokenizer
     from llmkit.train import checkpoint as ckpt
 
+    adapter = ("is a PEFT adapter: export the merged model (`llmkit peft merge=true` writes <peft run>/merged), "
+               "or the base model it adapts")
+    if (Path(source) / "adapter_config.json").is_file():  # a PEFT run's adapter/ directory
+        raise UserError(f"{source} {adapter}")
     checkpoint = ckpt.resolve_checkpoint(source)
     meta = ckpt.read_meta(checkpoint)
     if meta.get("kind") == "adapter" or (checkpoint / "adapter_config.json").exists():
-        raise UserError(f"{checkpoint} is a PEFT adapter: export the merged model (`llmkit peft merge=true` writes "
-                        "<peft run>/merged), or the base model it adapts")
+        raise UserError(f"{checkpoint} {adapter}")
     if meta.get("kind") == "reward" or "model" not in meta:
         raise UserError(f"{checkpoint} holds no language model to export (reward models and foreign checkpoints "
                         "have no HF causal-LM equivalent)")
@@ -190,7 +196,9 @@ def family_of_config(cfg: ModelConfig) -> str:
 
 
 def _refuse_non_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a directory; choose another output directory")
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another output directory")
 
 

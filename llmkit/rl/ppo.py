@@ -357,7 +357,6 @@ class PPOTrainer:
                             "or start over with train.overwrite=true") from None
         torch.set_rng_state(rng["torch"])
         self.iteration, self.nonfinite_skips = state["loop"]["iteration"], state["loop"]["nonfinite_skips"]
-        ckpt.refuse_past_the_end(source, self.iteration, self.cfg.train.max_steps, "iteration")
         if self.runtime.is_main:
             print(f"resumed from {source} at iteration {self.iteration}")
         return True

@@ -178,22 +178,27 @@ def resume_checkpoint(resume: str, root: Path) -> Path | None:
     return latest_checkpoint(root) if resume == "auto" else resolve_checkpoint(resume)
 
 
-def refuse_past_the_end(source: Path, reached: int, max_steps: int, unit: str) -> None:
-    """A resume whose train.max_steps lies before the checkpoint's step would leave a run past its own end."""
-    if reached > max_steps:
-        raise UserError(f"{source} is at {unit} {reached}, past train.max_steps={max_steps}: give train.max_steps="
-                        f"{reached} or more (more trains further), or resume from an earlier checkpoint "
-                        "(train.resume=<checkpoint directory>)")
-
-
 def refuse_other_data(source: Path, data_sha256: str | None) -> None:
     """A resumed run must go on with the data it was saved with: other data under the same settings (an edited
     corpus or data file) would not continue it. Every process checks alike (SettingsError: printed once)."""
-    saved = read_meta(source).get("data_sha256")
+    meta = read_meta(source)
+    saved = meta.get("data_sha256")
     if saved is not None and data_sha256 is not None and saved != data_sha256:
+        new_run = "a new run (a new out_dir=, without train.resume)"
+        if meta.get("command") in ("pretrain", "sft", "dpo"):  # these take their own checkpoints as init_from
+            new_run = f"a new run from these weights (init_from={source} out_dir=<new dir>)"
         raise SettingsError(f"cannot resume {source}: the training or validation data differ from the data it was "
-                            "trained on (the data files changed since); restore them, or train on the new data in a "
-                            f"new run (init_from={source} out_dir=<new dir>)")
+                            f"trained on (the data files changed since); restore them, or train on the new data in "
+                            f"{new_run}")
+
+
+def refuse_past_the_end(source: Path, max_steps: int, unit: str) -> None:
+    """A resume whose train.max_steps lies before the checkpoint's step would leave a run past its own end."""
+    reached = read_meta(source).get("step")
+    if isinstance(reached, int) and reached > max_steps:
+        raise SettingsError(f"{source} is at {unit} {reached}, past train.max_steps={max_steps}: give train.max_steps="
+                            f"{reached} or more (more trains further), or resume from an earlier checkpoint "
+                            "(train.resume=<checkpoint directory>)")
 
 
 def prune_checkpoints(root: Path, keep_last: int, best: Path | None) -> None:

@@ -200,7 +200,6 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as error:
             raise UserError(f"{source}/state.pt does not match this run's optimizer ({error})") from None
         self.state = LoopState(**state["loop"])
-        ckpt.refuse_past_the_end(source, self.state.step, self.cfg.max_steps, "step")
         rng_file = source / f"rng_{self.runtime.rank}.pt"
         if not rng_file.is_file():
             saved_by = ckpt.read_meta(source).get("processes")

@@ -341,7 +341,7 @@ EXISTING_RUN_CASES = [
      ["already holds a run", "train.resume=auto", "train.overwrite=true"]),
     ("resume-with-a-changed-model", ["pretrain", "tiny/pretrain", "train.resume=auto", "model.n_layer=1"],
      ["cannot resume", "model.n_layer:", "-> 1"]),
-    ("tokenize-over-a-run", ["tokenize", "tokenizer=bpe512", "data.max_documents=50"], ["holds a run", "checkpoints"]),
+    ("tokenize-over-a-run", ["tokenize", "tokenizer=bpe512", "data.max_documents=50"], ["holds more than token shards", "checkpoints", "a training run"]),
 ]
 
 

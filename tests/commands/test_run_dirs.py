@@ -242,4 +242,5 @@ def test_a_resume_with_max_steps_before_the_checkpoint_is_refused_and_leaves_the
     last = int(latest_checkpoint(run / "checkpoints").name.split("_")[1])
     done = cli("pretrain", "tiny/pretrain", f"out_dir={run}", "train.resume=auto", f"train.max_steps={last - 1}")
     assert_refused(done, f"at step {last}", f"past train.max_steps={last - 1}", f"train.max_steps={last} or more")
+    assert "resuming with changed settings" not in done.stdout  # refused before being reported as allowed
     assert snapshot(run) == before  # config.yaml too: the refused max_steps was not written into it

@@ -116,11 +116,21 @@ def test_bad_hf_directories_and_exports_are_refused(tokenizer, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abcd")
 
     (tmp_path / "tokenizer.json").rename(source / "tokenizer.json")
+    small = save_hf_dir(hf_model("llama", 300), tokenizer, tmp_path / "small")  # 300 rows for a 320-token tokenizer
+    refused(lambda: import_hf(small, tmp_path / "f"), "320 tokens", "vocab_size=300", "does not belong")
+    (tmp_path / "a-file").write_text("mine")
+    refused(lambda: import_hf(source, tmp_path / "a-file"), "a-file is a file")
+    assert not (tmp_path / "f").exists() and (tmp_path / "a-file").read_text() == "mine"
+
     checkpoint = import_hf(source, tmp_path / "imported")
     meta = json.loads((checkpoint / "meta.json").read_text())
     meta["model"]["mlp"] = "gelu"  # rmsnorm + rope + gelu: neither family
     (checkpoint / "meta.json").write_text(json.dumps(meta))
     refused(lambda: export_hf(str(checkpoint), tmp_path / "e"), "neither", "GPT-2 style", "Llama style")
+    adapter = tmp_path / "peft-run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    refused(lambda: export_hf(str(adapter), tmp_path / "g"), "is a PEFT adapter", "merge=true")
 
 
 def test_the_module_runs_as_a_command_and_its_output_feeds_llmkit(tokenizer, tmp_path):

@@ -246,7 +246,10 @@ def test_the_data_check_refuses_only_a_known_other_fingerprint(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"data_sha256": "abc"}))
     ckpt.refuse_other_data(tmp_path, "abc")
     ckpt.refuse_other_data(tmp_path, None)  # data whose checksum is unknown
-    with pytest.raises(SettingsError, match="data differ"):
+    with pytest.raises(SettingsError, match=r"data differ.*in a new run \(a new out_dir=, without train.resume\)"):
+        ckpt.refuse_other_data(tmp_path, "abd")
+    (tmp_path / "meta.json").write_text(json.dumps({"data_sha256": "abc", "command": "sft"}))
+    with pytest.raises(SettingsError, match=f"a new run from these weights \\(init_from={tmp_path} out_dir="):
         ckpt.refuse_other_data(tmp_path, "abd")
     (tmp_path / "meta.json").write_text(json.dumps({}))  # a checkpoint from before the check
     ckpt.refuse_other_data(tmp_path, "abd")
