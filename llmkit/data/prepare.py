@@ -132,9 +132,11 @@ def settle_killed_swaps(target: Path) -> None:
     Siblings of a process still running are left alone."""
     target = target.resolve()
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-[0-9a-f]{{8}}\.(partial|old)")
-    if not target.parent.is_dir():
+    try:
+        siblings = sorted(target.parent.iterdir(), key=lambda p: p.suffix != ".old")  # .old ones first
+    except OSError:  # no parent yet, or one we cannot list: nothing of ours to settle there
         return
-    for sibling in sorted(target.parent.iterdir(), key=lambda p: p.suffix != ".old"):  # .old ones first
+    for sibling in siblings:
         found = pattern.fullmatch(sibling.name)
         if not found or _running(int(found[1])):
             continue
