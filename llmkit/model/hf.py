@@ -72,29 +72,41 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     )
 
 
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def family_of_config(cfg: ModelConfig) -> str:
+    """The HF family whose architecture `cfg` is, or UserError naming what does not fit either."""
+    if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, cfg.kv_heads) == ("layernorm", "learned", "gelu", True, cfg.n_head):
+        return "gpt2"
+    if (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
+        return "llama"
+    raise UserError(f"model {cfg.name!r} (norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}) is neither "
+                    "GPT-2 style (layernorm, learned, gelu, bias, no GQA) nor Llama style (rmsnorm, rope, swiglu): "
+                    "no HF architecture holds it")
+
+
 def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
     """The HF GPT2Config / LlamaConfig settings (config.json keys) describing the same architecture as `cfg`."""
+    if family not in FAMILIES:
+        raise UserError(f"unknown HF family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family_of_config(cfg) != family:
+        raise UserError(f"model {cfg.name!r} is {family_of_config(cfg)} style, not {family}")
     if family == "gpt2":
-        if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, cfg.kv_heads) != ("layernorm", "learned", "gelu", True, cfg.n_head):
-            raise UserError("only GPT-2 style models (layernorm, learned, gelu, bias, no GQA) export as gpt2")
         return dict(
             vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer,
             n_head=cfg.n_head, n_inner=cfg.ff_dim, activation_function="gelu_new",
             layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
-    if family == "llama":
-        if (cfg.norm, cfg.pos, cfg.mlp) != ("rmsnorm", "rope", "swiglu"):
-            raise UserError("only Llama style models (rmsnorm, rope, swiglu) export as llama")
-        return dict(
-            vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, hidden_size=cfg.d_model,
-            intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-            rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
-            mlp_bias=cfg.bias, rope_theta=cfg.rope_theta,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        )
-    raise UserError(f"unknown HF family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return dict(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, hidden_size=cfg.d_model,
+        intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
+        mlp_bias=cfg.bias, rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
 
 
 def config_to_hf(cfg: ModelConfig, family: str) -> Any:

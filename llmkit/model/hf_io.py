@@ -21,7 +21,15 @@ from typing import Any
 
 from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
-from llmkit.model.hf import config_from_hf, family_of, hf_config_dict, state_dict_from_hf, state_dict_to_hf
+from llmkit.model.hf import (
+    ARCHITECTURES,
+    config_from_hf,
+    family_of,
+    family_of_config,
+    hf_config_dict,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 
 # What transformers assumes when config.json leaves a key out (GPT2Config / LlamaConfig defaults).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -179,20 +187,6 @@ def export_hf(source: str, out: Path) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
     return out
-
-
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
-
-
-def family_of_config(cfg: ModelConfig) -> str:
-    """The HF family whose architecture `cfg` is, or UserError naming what does not fit either."""
-    if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, cfg.kv_heads) == ("layernorm", "learned", "gelu", True, cfg.n_head):
-        return "gpt2"
-    if (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
-        return "llama"
-    raise UserError(f"model {cfg.name!r} (norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}) is neither "
-                    "GPT-2 style (layernorm, learned, gelu, bias, no GQA) nor Llama style (rmsnorm, rope, swiglu): "
-                    "no HF architecture holds it")
 
 
 def _refuse_non_empty(out: Path) -> None:

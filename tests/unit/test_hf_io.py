@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from llmkit.commands.common import load_trained
 from llmkit.errors import UserError
+from llmkit.model.config import ModelConfig
+from llmkit.model.hf import hf_config_dict
 from llmkit.model.hf_io import export_hf, import_hf
 from llmkit.tokenizer.bpe import train_bpe
 from tests.unit.test_hf_parity import randomize
@@ -127,6 +129,9 @@ def test_bad_hf_directories_and_exports_are_refused(tokenizer, tmp_path):
     meta["model"]["mlp"] = "gelu"  # rmsnorm + rope + gelu: neither family
     (checkpoint / "meta.json").write_text(json.dumps(meta))
     refused(lambda: export_hf(str(checkpoint), tmp_path / "e"), "neither", "GPT-2 style", "Llama style")
+    llama = ModelConfig(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    assert hf_config_dict(llama, "llama")["num_key_value_heads"] == llama.kv_heads
+    refused(lambda: hf_config_dict(llama, "gpt2"), "is llama style, not gpt2")
     adapter = tmp_path / "peft-run" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
