@@ -194,8 +194,9 @@ def _load_adapter_dir(directory: Path, device) -> LoadedModel:
     return LoadedModel(loaded.model.to(device).eval(), loaded.tokenizer, meta, directory)
 
 
-def write_merged_checkpoint(model: torch.nn.Module, directory: Path, meta: dict, tokenizer_path: Path) -> Path:
-    """A plain, complete checkpoint directory (loadable by generate/evaluate/sft) from a merged model."""
+def write_model_checkpoint(model: torch.nn.Module, directory: Path, meta: dict, tokenizer_path: Path) -> Path:
+    """A plain, complete checkpoint (loadable by generate/evaluate/sft) of a model that is not a training run's:
+    a merged PEFT model, an imported HF one. Returns it; `directory` names it through its `latest` pointer."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.begin_checkpoint(directory, meta.get("step", 0))
     meta = {**meta, "model": dataclasses.asdict(model.cfg)}

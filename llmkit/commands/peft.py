@@ -8,7 +8,7 @@ from functools import partial
 from rich.console import Console
 from rich.table import Table
 
-from llmkit.commands.common import inherited_meta, report_result, shown, start_run, write_merged_checkpoint
+from llmkit.commands.common import inherited_meta, report_result, shown, start_run, write_model_checkpoint
 from llmkit.commands.sft import load_base
 from llmkit.config.schema import PeftRunConfig
 from llmkit.data.instruct import instruction_sets
@@ -55,7 +55,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     if runtime.is_main:
         save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})
         if cfg.merge:
-            merged = write_merged_checkpoint(merge_adapter(model), run_dir / "merged", {**spec.meta, "kind": "full",
+            merged = write_model_checkpoint(merge_adapter(model), run_dir / "merged", {**spec.meta, "kind": "full",
                                                                                         "step": result.step},
                                              run_dir / "tokenizer.json")
             print(f"merged checkpoint: {merged}")

@@ -3,8 +3,8 @@
     python -m llmkit.model.hf_io import <HF model directory> <checkpoint directory>
     python -m llmkit.model.hf_io export <run or checkpoint> <HF model directory>
 
-An imported checkpoint is an ordinary llmkit checkpoint directory (weights, meta.json, tokenizer.json, COMPLETE):
-every command takes it as `init_from=` or `run=`. An exported directory loads with
+An import is written as a merged PEFT model is (`<out>/step_000000` and a `latest` pointer, through
+`write_model_checkpoint`): every command takes `<out>` as `init_from=` or `run=`. An exported directory loads with
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Neither needs transformers: config.json
 is JSON, weights are safetensors (a pickled pytorch_model.bin is refused), names go through `llmkit.model.hf`.
 """
@@ -47,14 +47,7 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
     """Our ModelConfig and the family of an HF model directory's config.json."""
     path = hf_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{hf_dir} has no config.json: pass an HF model directory (save_pretrained's output)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not readable JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a JSON object")
+    raw = _json_object(path, f"{hf_dir} has no config.json: pass an HF model directory (save_pretrained's output)")
     family = family_of(SimpleNamespace(model_type=raw.get("model_type")))
     settings = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None or k not in HF_DEFAULTS[family]}}
     if family == "llama" and settings["num_key_value_heads"] is None:
@@ -102,9 +95,8 @@ def _token_name(value: Any) -> str | None:
 
 
 def import_hf(hf_dir: Path, out: Path) -> Path:
-    """Write the HF model at `hf_dir` as an llmkit checkpoint directory `out` (fp32 weights)."""
-    from llmkit.data.prepare import replaced_on_success
-    from llmkit.fileio import save_safetensors
+    """Write the HF model at `hf_dir` as an llmkit checkpoint under `out` (fp32 weights); returns the checkpoint."""
+    from llmkit.commands.common import write_model_checkpoint
     from llmkit.model.transformer import Transformer
     from llmkit.tokenizer.bpe import load_tokenizer
     from llmkit.train import checkpoint as ckpt
@@ -121,7 +113,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise UserError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the model's "
                         f"vocab_size={cfg.vocab_size} in config.json: the tokenizer does not belong to this model")
-    special = _read_json_object(hf_dir / "tokenizer_config.json")
+    special = _json_object(hf_dir / "tokenizer_config.json")
     eos = _token_name(special.get("eos_token")) or "<|endoftext|>"
     if tokenizer.token_to_id(eos) is None:
         raise UserError(f"{hf_dir}: its end-of-text token {eos!r} is not in tokenizer.json; set eos_token in "
@@ -129,16 +121,11 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     model = Transformer(cfg)
     tensors = {k: v.float() for k, v in state_dict_from_hf(read_hf_weights(files, family), cfg, family).items()}
     ckpt.load_weights(model, tensors, hf_dir)
-    meta = {"command": "import", "model": dataclasses.asdict(cfg), "hf_source": str(hf_dir.resolve()),
-            "hf_family": family, "eos_token": eos, "pad_token": _token_name(special.get("pad_token")) or eos, "step": 0}
+    meta = {"command": "import", "hf_source": str(hf_dir.resolve()), "hf_family": family, "eos_token": eos,
+            "pad_token": _token_name(special.get("pad_token")) or eos}
     if isinstance(special.get("chat_template"), str):  # generate and sft then wrap prompts in it
         meta["chat_template"] = special["chat_template"]
-    with replaced_on_success(out, "choose another output directory") as tmp:
-        save_safetensors(ckpt.unique_tensors(model.state_dict()), tmp / ckpt.WEIGHTS)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / ckpt.COMPLETE).write_text("0\n")
-    return out
+    return write_model_checkpoint(model, out, meta, hf_dir / "tokenizer.json")
 
 
 def export_hf(source: str, out: Path) -> Path:
@@ -196,14 +183,19 @@ def _refuse_non_empty(out: Path) -> None:
         raise UserError(f"{out} already exists and is not empty; choose another output directory")
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
+def _json_object(path: Path, missing: str | None = None) -> dict[str, Any]:
+    """A JSON object file. Optional (`missing` None): {} when absent or not an object; else UserError(`missing`)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing is None:
+            return {}
+        raise UserError(missing) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path} is not readable JSON ({error})") from None
-    return data if isinstance(data, dict) else {}
+    if isinstance(data, dict) or missing is None:
+        return data if isinstance(data, dict) else {}
+    raise UserError(f"{path} is not a JSON object")
 
 
 USAGE = """usage: python -m llmkit.model.hf_io import <HF model directory> <checkpoint directory>
@@ -216,8 +208,8 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if argv[0] == "import":
-            out = import_hf(Path(argv[1]), Path(argv[2]))
-            print(f"wrote {out}: use it as init_from={out} or run={out}")
+            import_hf(Path(argv[1]), Path(argv[2]))
+            print(f"wrote {argv[2]}: use it as init_from={argv[2]} or run={argv[2]}")
         else:
             out = export_hf(argv[1], Path(argv[2]))
             print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
