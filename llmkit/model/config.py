@@ -29,6 +29,7 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu | swiglu
     tie_embeddings: bool = True
     bias: bool = True
+    qkv_bias: bool | None = None  # None: as bias; true with bias=false: biases on q/k/v only (Qwen2 style)
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -63,6 +64,11 @@ class ModelConfig:
         """Rows of the embedding and lm_head: vocab_size rounded up to pad_vocab_multiple (the extra ids are never used)."""
         m = self.pad_vocab_multiple
         return -(-self.vocab_size // m) * m
+
+    @property
+    def attn_qkv_bias(self) -> bool:
+        """Whether the q, k and v projections have biases (qkv_bias, or bias when qkv_bias is null)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def kv_heads(self) -> int:

@@ -1,8 +1,9 @@
-"""Explicit parameter-name maps between HF transformers models and ours (GPT-2 and Llama families).
+"""Explicit parameter-name maps between HF transformers models and ours (GPT-2, Llama, Mistral, Qwen2).
 
 GPT2LMHeadModel stores its linear layers as Conv1D, whose weight is (in, out): ours are nn.Linear
 (out, in), so every matrix is transposed, and c_attn fuses q, k, v along the output. Our RoPE uses
-HF Llama's rotate_half convention, so LlamaForCausalLM weights map one to one without permutation.
+HF Llama's rotate_half convention, so LlamaForCausalLM weights map one to one without permutation;
+Mistral and Qwen2 use Llama's names (Qwen2 adds biases to q, k and v only: our `qkv_bias`).
 Vocabulary padding never reaches these maps: `Transformer.state_dict()` holds only the vocab_size real
 rows and `load_state_dict` appends the zero padded rows, so HF configs and weights keep the real vocab.
 transformers is imported lazily: it is a dev extra only.
@@ -19,7 +20,8 @@ from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # Llama's layout and parameter names
 
 
 def family_of(hf_config: Any) -> str:
@@ -40,7 +42,7 @@ def _rope_theta(hf_config: Any) -> float:
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    """Our ModelConfig for an HF GPT2Config or LlamaConfig. dropout is set to 0 (a training choice)."""
+    """Our ModelConfig for an HF GPT-2, Llama, Mistral or Qwen2 config. dropout is set to 0 (a training choice)."""
     family = family_of(hf_config)
     name = getattr(hf_config, "_name_or_path", "") or family
     tie = bool(getattr(hf_config, "tie_word_embeddings", True))
@@ -56,42 +58,73 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
             tie_embeddings=tie, bias=True, dropout=0.0, norm_eps=hf_config.layer_norm_epsilon,
         )
     if hf_config.hidden_act != "silu":
-        raise UserError(f"Llama activation {hf_config.hidden_act!r} is not supported (silu / SwiGLU only)")
-    attn_bias, mlp_bias = bool(hf_config.attention_bias), bool(getattr(hf_config, "mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise UserError("Llama configs need attention_bias == mlp_bias (llmkit has one model.bias switch)")
+        raise UserError(f"{family} activation {hf_config.hidden_act!r} is not supported (silu / SwiGLU only)")
+    bias, qkv_bias = _llama_like_biases(hf_config, family)
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise UserError("Llama configs with head_dim * num_attention_heads != hidden_size are not supported")
+        raise UserError(f"{family} configs with head_dim * num_attention_heads != hidden_size are not supported")
     return ModelConfig(
-        name=name, vocab_size=hf_config.vocab_size, block_size=hf_config.max_position_embeddings,
+        name=name, vocab_size=hf_config.vocab_size, block_size=_context(hf_config, family),
         n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
         n_kv_head=hf_config.num_key_value_heads, d_model=hf_config.hidden_size,
         d_ff=hf_config.intermediate_size, norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=tie,
-        bias=attn_bias, dropout=0.0, rope_theta=_rope_theta(hf_config), norm_eps=hf_config.rms_norm_eps,
+        bias=bias, qkv_bias=qkv_bias, dropout=0.0, rope_theta=_rope_theta(hf_config), norm_eps=hf_config.rms_norm_eps,
     )
 
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+def _llama_like_biases(hf_config: Any, family: str) -> tuple[bool, bool | None]:
+    """(bias, qkv_bias) of a Llama-like config: Qwen2 has q/k/v biases only, Mistral none, Llama its two switches."""
+    if family == "qwen2":
+        return False, True
+    if family == "mistral":
+        return False, None
+    attn_bias, mlp_bias = bool(hf_config.attention_bias), bool(getattr(hf_config, "mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise UserError("Llama configs need attention_bias == mlp_bias (llmkit has one model.bias switch)")
+    return attn_bias, None
+
+
+def _context(hf_config: Any, family: str) -> int:
+    """The context length: max_position_embeddings, capped at the sliding window when one is used.
+
+    Within its window a sliding-window layer attends to every earlier token, as full attention does, so
+    the capped model computes exactly what the HF one does on sequences that fit.
+    """
+    context = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    if family == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+        window = None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    return min(context, window) if window else context
+
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
 
 
 def family_of_config(cfg: ModelConfig) -> str:
-    """The HF family whose architecture `cfg` is, or UserError naming what does not fit either."""
-    if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, cfg.kv_heads) == ("layernorm", "learned", "gelu", True, cfg.n_head):
+    """The HF family that holds `cfg`'s architecture (gpt2, llama or qwen2), or UserError naming what does not fit."""
+    same_bias = cfg.attn_qkv_bias == cfg.bias
+    if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias, same_bias, cfg.kv_heads) == (
+            "layernorm", "learned", "gelu", True, True, cfg.n_head):
         return "gpt2"
-    if (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
-        return "llama"
-    raise UserError(f"model {cfg.name!r} (norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}) is neither "
-                    "GPT-2 style (layernorm, learned, gelu, bias, no GQA) nor Llama style (rmsnorm, rope, swiglu): "
-                    "no HF architecture holds it")
+    if (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu") and (same_bias or cfg.attn_qkv_bias):
+        return "llama" if same_bias else "qwen2"
+    raise UserError(f"model {cfg.name!r} (norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp}, bias={cfg.bias}, "
+                    f"qkv_bias={cfg.qkv_bias}) is neither GPT-2 style (layernorm, learned, gelu, biases, no GQA) nor "
+                    "Llama style (rmsnorm, rope, swiglu; biases everywhere, nowhere, or on q/k/v only as Qwen2): no HF "
+                    "architecture holds it")
 
 
 def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
-    """The HF GPT2Config / LlamaConfig settings (config.json keys) describing the same architecture as `cfg`."""
+    """The HF config.json settings of `family` (GPT2Config, LlamaConfig, ...) describing the same architecture as `cfg`."""
     if family not in FAMILIES:
         raise UserError(f"unknown HF family {family!r}; expected one of {', '.join(FAMILIES)}")
-    if family_of_config(cfg) != family:
-        raise UserError(f"model {cfg.name!r} is {family_of_config(cfg)} style, not {family}")
+    style = family_of_config(cfg)
+    if style != family and (family, style, cfg.bias) != ("mistral", "llama", False):  # Mistral: Llama without biases
+        raise UserError(f"model {cfg.name!r} is {style} style, not {family}")
     if family == "gpt2":
         return dict(
             vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer,
@@ -99,36 +132,41 @@ def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
             layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
-    return dict(
+    common = dict(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, hidden_size=cfg.d_model,
         intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
-        mlp_bias=cfg.bias, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
+    if family == "qwen2":
+        return {**common, "use_sliding_window": False, "sliding_window": None}
+    if family == "mistral":
+        return {**common, "sliding_window": None}
+    return {**common, "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
 
 
 def config_to_hf(cfg: ModelConfig, family: str) -> Any:
-    """An HF GPT2Config or LlamaConfig describing the same architecture as `cfg`."""
+    """An HF GPT2Config, LlamaConfig or Qwen2Config describing the same architecture as `cfg`."""
     import transformers
 
-    settings = hf_config_dict(cfg, family)
-    return (transformers.GPT2Config if family == "gpt2" else transformers.LlamaConfig)(**settings)
+    return transformers.AutoConfig.for_model(family, **hf_config_dict(cfg, family))
 
 
 def _llama_names(cfg: ModelConfig) -> dict[str, str]:
-    """Our name -> HF LlamaForCausalLM name, for every parameter (one-to-one, no reshaping)."""
+    """Our name -> HF LlamaForCausalLM (Mistral, Qwen2) name, for every parameter (one-to-one, no reshaping)."""
     names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}
     params = ["weight", "bias"] if cfg.bias else ["weight"]
+    qkv_params = ["weight", "bias"] if cfg.attn_qkv_bias else ["weight"]
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
         names[f"{ours}.attn_norm.weight"] = f"{theirs}.input_layernorm.weight"
         names[f"{ours}.mlp_norm.weight"] = f"{theirs}.post_attention_layernorm.weight"
-        for p in params:
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for p in qkv_params if proj != "o_proj" else params:
                 names[f"{ours}.attn.{proj}.{p}"] = f"{theirs}.self_attn.{proj}.{p}"
+        for p in params:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 names[f"{ours}.mlp.{proj}.{p}"] = f"{theirs}.mlp.{proj}.{p}"
     return names
@@ -153,7 +191,7 @@ def _gpt2_names(cfg: ModelConfig) -> dict[str, str]:
 def _names(cfg: ModelConfig, family: str) -> dict[str, str]:
     if family == "gpt2":
         return _gpt2_names(cfg)
-    if family == "llama":
+    if family in LLAMA_LIKE:
         return _llama_names(cfg)
     raise UserError(f"unknown HF family {family!r}; expected one of {', '.join(FAMILIES)}")
 
@@ -209,7 +247,7 @@ def state_dict_to_hf(state_dict: dict[str, Tensor], cfg: ModelConfig, family: st
 
 
 def transformer_from_hf(hf_model: Any) -> Transformer:
-    """Our Transformer with the weights of an HF GPT2LMHeadModel or LlamaForCausalLM (in fp32)."""
+    """Our Transformer with the weights of an HF GPT-2, Llama, Mistral or Qwen2 causal LM (in fp32)."""
     cfg = config_from_hf(hf_model.config)
     model = Transformer(cfg)
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), cfg, family_of(hf_model.config)))

@@ -1,4 +1,4 @@
-"""HF transformers model directories (GPT-2 and Llama families) in and out of llmkit checkpoints.
+"""HF transformers model directories (GPT-2, Llama, Mistral, Qwen2) in and out of llmkit checkpoints.
 
     python -m llmkit.model.hf_io import <HF model directory> <checkpoint directory>
     python -m llmkit.model.hf_io export <run or checkpoint> <HF model directory>
@@ -40,8 +40,21 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
               "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
               "attention_bias": False, "mlp_bias": False, "rope_theta": 10000.0},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "rope_theta": 10000.0, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "rope_theta": 10000.0, "use_sliding_window": False, "sliding_window": 4096},
 }
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+# transformers' Qwen2Tokenizer (forced by AutoTokenizer for model_type qwen2) rebuilds NFC + this split + ByteLevel
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+               r"""\s+(?!\S)|\s+""")
+SPLIT_PROBE = ("It's 2024-11-25; I'VE said: café, naïve, Å\u0301! x  =  f12(y)\r\n\n\tdef g(_a):\n    return a**2  # ok?\n"
+               "数字123 über—«quotes» 'll 'D \u00a0end   ")
 
 
 def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
@@ -50,7 +63,7 @@ def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
     raw = _json_object(path, f"{hf_dir} has no config.json: pass an HF model directory (save_pretrained's output)")
     family = family_of(SimpleNamespace(model_type=raw.get("model_type")))
     settings = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None or k not in HF_DEFAULTS[family]}}
-    if family == "llama" and settings["num_key_value_heads"] is None:
+    if family != "gpt2" and settings["num_key_value_heads"] is None:
         settings["num_key_value_heads"] = settings["num_attention_heads"]
     try:
         cfg = config_from_hf(SimpleNamespace(**settings))
@@ -157,6 +170,11 @@ def export_hf(source: str, out: Path) -> Path:
     if cfg.tie_embeddings:
         hf_state.pop("lm_head.weight")  # transformers ties it to the input embedding
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    if family == "qwen2" and not _splits_as_qwen2(tokenizer):
+        raise UserError(f"{checkpoint} is a Qwen2-style model (biases on q/k/v only), and transformers loads a qwen2 "
+                        "model's tokenizer as Qwen2Tokenizer, which re-splits text with its own rules: its token ids "
+                        "would differ from this run's tokenizer. Only a model trained with a Qwen2 tokenizer (e.g. one "
+                        "imported from a Qwen2 directory) can be exported; otherwise set model.qkv_bias to model.bias")
     eos = meta.get("eos_token", "<|endoftext|>")
     pad = meta.get("pad_token")
     config = {**hf_config_dict(cfg, family), "architectures": [ARCHITECTURES[family]], "model_type": family,
@@ -174,6 +192,19 @@ def export_hf(source: str, out: Path) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
     return out
+
+
+def _splits_as_qwen2(tokenizer) -> bool:
+    """Whether Qwen2Tokenizer (this tokenizer's vocabulary under Qwen2's normalizer and pre-tokenizer) gives the same
+    ids as `tokenizer` on a probe text of digits, contractions, accents, whitespace runs and punctuation."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+    qwen2 = Tokenizer.from_str(tokenizer.to_str())
+    qwen2.normalizer = normalizers.NFC()
+    qwen2.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return qwen2.encode(SPLIT_PROBE).ids == tokenizer.encode(SPLIT_PROBE).ids
 
 
 def _refuse_non_empty(out: Path) -> None:

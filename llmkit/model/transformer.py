@@ -2,7 +2,8 @@
 
 GPT-2 style: LayerNorm, learned positions, GELU MLP (tanh approximation, as GPT-2), tied embeddings,
 biases. Llama style: RMSNorm, rotary positions (HF Llama's rotate_half convention, so HF weights map
-without permutation), SwiGLU MLP, grouped-query attention (n_kv_head < n_head), untied or tied.
+without permutation), SwiGLU MLP, grouped-query attention (n_kv_head < n_head), untied or tied. Qwen2 style:
+Llama style with biases on q, k and v only (qkv_bias=true, bias=false).
 
 Module names are a contract (PEFT swaps nn.Linear modules by name, checkpoints are keyed by them):
 tok_emb, pos_emb, drop, blocks.{i}.{attn_norm, attn.{q,k,v,o}_proj, mlp_norm, mlp.{gate,up,down}_proj},
@@ -82,9 +83,9 @@ class Attention(nn.Module):
         self.layer = layer  # index into the KV cache
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(
@@ -345,9 +346,9 @@ def _pad_vocab(module: Transformer, state_dict: dict[str, Tensor], prefix: str, 
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """The parameter count that `Transformer(cfg)` has, by formula (same convention as num_params)."""
     d, f, kv_dim, L = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim, cfg.n_layer
-    b = int(cfg.bias)
+    b, qkv_b = int(cfg.bias), int(cfg.attn_qkv_bias)
     norm = d if cfg.norm == "rmsnorm" else d * (1 + b)
-    attn = (d * d + d * b) * 2 + (d * kv_dim + kv_dim * b) * 2  # q, o + k, v
+    attn = (d * d + d * qkv_b) + (d * d + d * b) + (d * kv_dim + kv_dim * qkv_b) * 2  # q, o, k + v
     n_up = 2 if cfg.mlp == "swiglu" else 1
     mlp = n_up * (d * f + f * b) + f * d + d * b
     tok = cfg.padded_vocab * d

@@ -32,11 +32,12 @@ def hf_model(family: str, vocab: int):
         cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4)
         torch.manual_seed(0)
         return randomize(transformers.GPT2LMHeadModel(cfg))
-    cfg = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=32, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   tie_word_embeddings=False)
+    config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    cfg = config(vocab_size=vocab, max_position_embeddings=32, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=family == "qwen2")
     torch.manual_seed(0)
-    return randomize(transformers.LlamaForCausalLM(cfg))
+    return randomize(model(cfg))
 
 
 def save_hf_dir(model, tokenizer, path: Path, chat_template: str | None = None) -> Path:
@@ -54,9 +55,23 @@ def logits(model, tokens):
     return out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def qwen2_style(tokenizer):
+    """The same vocabulary under Qwen2's normalizer and pre-tokenizer (what transformers' Qwen2Tokenizer builds)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+    from llmkit.model.hf_io import QWEN2_SPLIT
+
+    qwen2 = Tokenizer.from_str(tokenizer.to_str())
+    qwen2.normalizer = normalizers.NFC()
+    qwen2.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return qwen2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_import_then_export_keeps_the_logits_and_the_tokenizer(family, tokenizer, tmp_path):
     vocab = tokenizer.get_vocab_size()
+    tokenizer = qwen2_style(tokenizer) if family == "qwen2" else tokenizer
     hf = hf_model(family, vocab)
     source = save_hf_dir(hf, tokenizer, tmp_path / "hf", chat_template="{{ messages[0]['content'] }}")
     tokens = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -70,11 +85,24 @@ def test_import_then_export_keeps_the_logits_and_the_tokenizer(family, tokenizer
 
     exported = export_hf(str(checkpoint), tmp_path / "exported")
     back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(back) is type(hf)
     torch.testing.assert_close(logits(back, tokens), reference, rtol=1e-4, atol=1e-5)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     text = "def f3(x):\n    return x * 3"
     assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
     assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|pad|>"
+
+
+def test_a_qwen2_style_model_with_another_tokenizer_is_not_exported(tokenizer, tmp_path):
+    """AutoTokenizer rebuilds a qwen2 model's tokenizer with Qwen2's splitting: with a GPT-2 style BPE the exported
+    directory would tokenize differently in transformers (checked here), so export refuses it."""
+    source = save_hf_dir(hf_model("qwen2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    text = "def f3(x):\n    return x * 3"
+    assert hf_tokenizer(text)["input_ids"] != tokenizer.encode(text).ids  # why the refusal is needed
+    checkpoint = import_hf(source, tmp_path / "imported")
+    refused(lambda: export_hf(str(checkpoint), tmp_path / "out"), "Qwen2Tokenizer", "model.qkv_bias")
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpt2_weights_without_the_transformer_prefix_import(tokenizer, tmp_path):

@@ -1,4 +1,7 @@
-"""HF weight maps: random tiny GPT-2 / Llama from transformers configs give our logits to ~1e-5, both ways."""
+"""HF weight maps: random tiny GPT-2 / Llama / Mistral / Qwen2 from transformers configs give our logits to ~1e-5,
+both ways."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -7,11 +10,12 @@ from llmkit.errors import UserError
 from llmkit.model.hf import (
     config_from_hf,
     config_to_hf,
+    family_of_config,
     state_dict_from_hf,
     state_dict_to_hf,
     transformer_from_hf,
 )
-from llmkit.model.transformer import Transformer
+from llmkit.model.transformer import Transformer, count_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,13 +38,21 @@ def tiny_gpt2(**kw):
     return randomize(transformers.GPT2LMHeadModel(cfg))
 
 
-def tiny_llama(**kw):
+def tiny_llama(config=None, model=None, **kw):
     base = dict(vocab_size=V, max_position_embeddings=24, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False)
     base.update(kw)
-    cfg = transformers.LlamaConfig(**base)
+    cfg = (config or transformers.LlamaConfig)(**base)
     torch.manual_seed(0)
-    return randomize(transformers.LlamaForCausalLM(cfg))
+    return randomize((model or transformers.LlamaForCausalLM)(cfg))
+
+
+def tiny_qwen2(**kw):
+    return tiny_llama(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, **kw)
+
+
+def tiny_mistral(**kw):
+    return tiny_llama(transformers.MistralConfig, transformers.MistralForCausalLM, head_dim=None, **kw)
 
 
 CASES = {
@@ -50,6 +62,9 @@ CASES = {
     "llama_tied_mha_bias": lambda: tiny_llama(num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True,
                                               mlp_bias=True, rope_theta=500.0,
                                               rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "qwen2_tied": lambda: tiny_qwen2(tie_word_embeddings=True,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "mistral": lambda: tiny_mistral(sliding_window=None),
 }
 
 
@@ -61,7 +76,7 @@ def hf_logits(hf, tokens, **kw):
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_hf(case):
     hf = CASES[case]()
-    family = "gpt2" if case.startswith("gpt2") else "llama"
+    family = case.split("_")[0]
     cfg = config_from_hf(hf.config)
     ours = Transformer(cfg).eval()
     ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg, family))
@@ -107,6 +122,32 @@ def test_config_mapping():
         config_from_hf(transformers.BertConfig())
     with pytest.raises(UserError, match="activation"):
         config_from_hf(transformers.GPT2Config(activation_function="relu"))
+
+
+def test_qwen2_has_qkv_biases_only_and_exports_as_qwen2():
+    cfg = config_from_hf(tiny_qwen2().config)
+    assert (cfg.bias, cfg.qkv_bias, cfg.attn_qkv_bias) == (False, True, True)
+    model = Transformer(cfg)
+    assert model.blocks[0].attn.q_proj.bias is not None and model.blocks[0].attn.o_proj.bias is None
+    assert model.blocks[0].mlp.up_proj.bias is None
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert family_of_config(cfg) == "qwen2" and type(config_to_hf(cfg, "qwen2")).__name__ == "Qwen2Config"
+    assert family_of_config(config_from_hf(tiny_mistral(sliding_window=None).config)) == "llama"
+    with pytest.raises(UserError, match="no HF architecture"):  # o/mlp biases without q/k/v biases: no HF class
+        family_of_config(dataclasses.replace(cfg, bias=True, qkv_bias=False))
+
+
+def test_sliding_window_caps_the_context_where_it_equals_full_attention():
+    windowed = tiny_mistral(sliding_window=16)
+    cfg = config_from_hf(windowed.config)
+    assert cfg.block_size == 16  # max_position_embeddings 24, window 16
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(windowed.state_dict(), cfg, "mistral"))
+    tokens = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf_logits(windowed, tokens), rtol=1e-5, atol=1e-5)
+    assert config_from_hf(tiny_qwen2(sliding_window=16).config).block_size == 24  # use_sliding_window false
+    assert config_from_hf(tiny_mistral(sliding_window=None).config).block_size == 24
 
 
 def test_unmappable_weights_raise_user_error():
