@@ -48,9 +48,10 @@ def chat_template_for(cfg: GenerateConfig, meta: dict) -> str | None:
 
 
 def encode_prompt(tokenizer, prompt: str, template: str | None, meta: dict) -> list[int]:
-    """Token ids of a prompt: raw text, or a user turn in `template`."""
+    """Token ids of a prompt: raw text (with what the tokenizer adds to a text, as HF's tokenizer(text): an imported
+    Llama's bos; nothing for llmkit's tokenizers), or a user turn in `template`."""
     if template is None:
-        return tokenizer.encode(prompt, add_special_tokens=False).ids
+        return tokenizer.encode(prompt).ids
     from llmkit.tokenizer.chat import render_prompt
 
     text = render_prompt([{"role": "user", "content": prompt}], template,

@@ -53,6 +53,8 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # transformers' Qwen2Tokenizer (forced by AutoTokenizer for model_type qwen2) rebuilds NFC + this split + ByteLevel
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
                r"""\s+(?!\S)|\s+""")
+# An imported template that uses bos_token carries its value: llmkit renders templates with an empty bos_token.
+BOS_SETTING = "{{%- set bos_token = {} -%}}"
 SPLIT_PROBE = ("It's 2024-11-25; I'VE said: café, naïve, Å\u0301! x  =  f12(y)\r\n\n\tdef g(_a):\n    return a**2  # ok?\n"
                "数字123 über—«quotes» 'll 'D \u00a0end   ")
 
@@ -103,6 +105,21 @@ def read_hf_weights(files: list[Path], family: str) -> dict[str, Any]:
     return state
 
 
+def read_chat_template(hf_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The chat template as transformers reads it: chat_template.jinja, else tokenizer_config.json's chat_template
+    (a string, or a list of named templates: the one named "default")."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        try:
+            return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{hf_dir / 'chat_template.jinja'} is not readable UTF-8 text ({error})") from None
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
 def _token_name(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -136,8 +153,13 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     ckpt.load_weights(model, tensors, hf_dir)
     meta = {"command": "import", "hf_source": str(hf_dir.resolve()), "hf_family": family, "eos_token": eos,
             "pad_token": _token_name(special.get("pad_token")) or eos}
-    if isinstance(special.get("chat_template"), str):  # generate and sft then wrap prompts in it
-        meta["chat_template"] = special["chat_template"]
+    bos = _token_name(special.get("bos_token"))
+    if bos and tokenizer.token_to_id(bos) is not None:
+        meta["bos_token"] = bos
+    template = read_chat_template(hf_dir, special)
+    if template is not None:  # generate, evaluate, sft, ... then wrap prompts in it
+        meta["chat_template"] = BOS_SETTING.format(json.dumps(bos)) + template if bos and "bos_token" in template \
+            else template
     return write_model_checkpoint(model, out, meta, hf_dir / "tokenizer.json")
 
 
@@ -175,20 +197,26 @@ def export_hf(source: str, out: Path) -> Path:
                         "model's tokenizer as Qwen2Tokenizer, which re-splits text with its own rules: its token ids "
                         "would differ from this run's tokenizer. Only a model trained with a Qwen2 tokenizer (e.g. one "
                         "imported from a Qwen2 directory) can be exported; otherwise set model.qkv_bias to model.bias")
-    eos = meta.get("eos_token", "<|endoftext|>")
+    eos, bos = meta.get("eos_token", "<|endoftext|>"), meta.get("bos_token")
     pad = meta.get("pad_token")
+    pad = pad if pad and tokenizer.token_to_id(pad) is not None else None
+    ids = {"bos_token_id": tokenizer.token_to_id(bos or eos), "eos_token_id": tokenizer.token_to_id(eos),
+           **({"pad_token_id": tokenizer.token_to_id(pad)} if pad else {})}
     config = {**hf_config_dict(cfg, family), "architectures": [ARCHITECTURES[family]], "model_type": family,
-              "torch_dtype": "float32", "eos_token_id": tokenizer.token_to_id(eos), "bos_token_id": tokenizer.token_to_id(eos)}
+              "torch_dtype": "float32", **ids}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                        "eos_token": eos, "bos_token": eos,
-                        **({"pad_token": pad} if pad and tokenizer.token_to_id(pad) is not None else {})}
+                        "eos_token": eos, "bos_token": bos or eos, **({"pad_token": pad} if pad else {})}
     if meta.get("chat_template"):
         from llmkit.tokenizer.chat import resolve_template
 
-        tokenizer_config["chat_template"] = resolve_template(meta["chat_template"])
+        template = resolve_template(meta["chat_template"])
+        if bos and template.startswith(BOS_SETTING.format(json.dumps(bos))):  # HF passes bos_token itself
+            template = template.removeprefix(BOS_SETTING.format(json.dumps(bos)))
+        tokenizer_config["chat_template"] = template
     with replaced_on_success(out, "choose another output directory") as tmp:
         save_safetensors(hf_state, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
     return out

@@ -183,3 +183,58 @@ def test_the_module_runs_as_a_command_and_its_output_feeds_llmkit(tokenizer, tmp
     done = subprocess.run([sys.executable, "-m", "llmkit", "evaluate", f"runs=[{tmp_path / 'ckpt'}]"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "records no validation split" in done.stderr and "heldout=data" in done.stderr
+
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_a_llama_with_a_bos_token_prompts_as_transformers_does(tmp_path):
+    """An HF Llama whose tokenizer adds <s> to a text and whose chat template (in chat_template.jinja) starts with
+    bos_token: llmkit's generate gets the same prompt ids as transformers, raw and templated, and the export gives
+    the bos, the template and a generation_config back."""
+    from tokenizers.processors import TemplateProcessing
+
+    from llmkit.commands.generate import encode_prompt
+    from llmkit.model.hf_io import BOS_SETTING
+
+    docs = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)]
+    tokenizer = train_bpe(docs, 320, ["<|endoftext|>", "<|pad|>", "<s>"], 2, False)
+    bos_id = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+    source = save_hf_dir(hf_model("llama", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<s>"}))
+    (source / "chat_template.jinja").write_text(BOS_TEMPLATE)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    messages = [{"role": "user", "content": "def f3(x):"}]
+
+    loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
+    meta = loaded.meta
+    assert meta["bos_token"] == "<s>" and meta["chat_template"] == BOS_SETTING.format('"<s>"') + BOS_TEMPLATE
+    raw = encode_prompt(loaded.tokenizer, "def f3(x):", None, meta)
+    assert raw[0] == bos_id and raw == hf_tokenizer("def f3(x):")["input_ids"]
+    templated = encode_prompt(loaded.tokenizer, "def f3(x):", meta["chat_template"], meta)
+    assert templated[0] == bos_id and templated.count(bos_id) == 1
+    assert templated == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)["input_ids"]
+
+    exported = export_hf(str(loaded.checkpoint), tmp_path / "exported")
+    config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["chat_template"]) == ("<s>", BOS_TEMPLATE)
+    generation = transformers.GenerationConfig.from_pretrained(exported)
+    assert (generation.bos_token_id, generation.eos_token_id) == (bos_id, tokenizer.token_to_id("<|endoftext|>"))
+    assert generation.pad_token_id == tokenizer.token_to_id("<|pad|>")
+    back = transformers.AutoTokenizer.from_pretrained(exported)
+    assert back.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"] == templated
+
+
+def test_a_list_of_named_chat_templates_imports_the_default_one(tokenizer, tmp_path):
+    named = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": "{{ eos_token }}"}]
+    source = save_hf_dir(hf_model("gpt2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    meta = load_trained(str(import_hf(source, tmp_path / "imported"))).meta
+    assert meta["chat_template"] == "{{ eos_token }}" and "bos_token" not in meta
