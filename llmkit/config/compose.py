@@ -73,6 +73,7 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
         try:
             with initialize_config_dir(str(conf_dir), version_base="1.3"):
                 cfg = hydra_compose(command, overrides=[f"hydra.searchpath=[{searchpath}]", *extra, *overrides])
+            _refuse_added_keys(cfg, root_type)
             typed = OmegaConf.to_object(cfg)
             _write_back_normalised(cfg, typed)
         except UserError:
@@ -82,6 +83,23 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
         finally:
             GlobalHydra.instance().clear()
     return typed, OmegaConf.to_yaml(cfg)
+
+
+def _refuse_added_keys(node: Any, root_type: type, prefix: str = "") -> None:
+    """UserError for a key the schema does not have: `+train.max_step=3` adds one past Hydra's struct check, and
+    OmegaConf.to_object would then drop it without a word."""
+    from omegaconf import DictConfig
+
+    schema = node._metadata.object_type
+    if not dataclasses.is_dataclass(schema):  # a free-form mapping (dict-typed field): any key may be there
+        return
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise UserError(_unknown_key(f"{prefix}{key}", root_type))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            _refuse_added_keys(child, root_type, f"{prefix}{key}.")
 
 
 def _write_back_normalised(node: Any, typed: Any) -> None:

@@ -130,6 +130,8 @@ def test_non_utf8_is_accepted_with_encoding_errors_replace(cli, tmp_path):
 
 CONFIG_CASES = [
     ("unknown-key", ["tiny/pretrain", "train.max_step=3"], ["'train.max_step'", "did you mean train.max_steps"]),
+    ("added-unknown-key", ["tiny/pretrain", "+train.max_step=3"], ["'train.max_step'", "did you mean train.max_steps"]),
+    ("added-unknown-group-key", ["+optim.learning_rate=1e-5"], ["'optim.learning_rate'", "did you mean", "optim.lr"]),
     ("wrong-type", ["tiny/pretrain", "train.max_steps=abc"], ["train.max_steps", "'abc'"]),
     ("negative-lr", ["tiny/pretrain", "optim.lr=-1"], ["optim.lr", "positive", "-1"]),
     ("zero-batch", ["tiny/pretrain", "train.batch_size=0"], ["train.batch_size", "positive"]),
