@@ -43,12 +43,17 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
     """Compose the config, then run the command; user errors become one line and exit code 2."""
     from rich.console import Console
 
+    from llmkit.train.signals import StdoutClosed, guard_stdout
+
+    guard_stdout()  # `llmkit ... | head`: a training run saves and stops; another command ends quietly
     console = Console(stderr=True, highlight=False)
     try:
         code = _run(command, list(args or []), print_config)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         code = 130
+    except StdoutClosed:
+        code = 141
     except Exception as error:
         code = _report(error, console)
     from llmkit.train.rundir import settle_run_dirs
@@ -136,7 +141,13 @@ def recipes() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="llmkit", args=sys.argv[1:])
+    from llmkit.train.signals import StdoutClosed, guard_stdout
+
+    guard_stdout()
+    try:
+        app(prog_name="llmkit", args=sys.argv[1:])
+    except StdoutClosed:  # `llmkit recipes | head -1`: the reader has what it wanted
+        sys.exit(141)
 
 
 if __name__ == "__main__":

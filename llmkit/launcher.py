@@ -3,9 +3,9 @@
 Each worker gets the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT;
 OMP_NUM_THREADS=1 unless set), so accelerate joins them in one process group (gloo on CPU, NCCL on GPU). The
 workers share this process's process group: a Ctrl-C in the terminal reaches each of them. A SIGINT or SIGTERM
-sent to this process alone is passed on; each worker takes a duplicate within a second as the same request
-(`llmkit.train.signals`). The workers agree on the step to stop at, save one checkpoint and exit 130/143,
-which this process returns. When a worker fails, the others are stopped.
+(or SIGHUP) sent to this process alone is passed on; each worker takes a duplicate within a second as the same
+request (`llmkit.train.signals`). The workers agree on the step to stop at, save one checkpoint and exit
+130/143/129 (141: rank 0's stdout was closed), which this process returns. When a worker fails, the others are stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+GRACEFUL_CODES = (0, 130, 143, 129, 141)  # done, or stopped with a checkpoint (SIGINT, SIGTERM, SIGHUP, closed stdout)
 STOP_GRACE_S = 10.0  # after a worker failed: how long the others get to exit on SIGTERM before SIGKILL
 
 
@@ -41,7 +42,7 @@ def run_local(argv: list[str], num_processes: int) -> int:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return _wait(workers)
     finally:
@@ -54,7 +55,7 @@ def _wait(workers: list[subprocess.Popen]) -> int:
     failed_at: float | None = None
     while any(w.poll() is None for w in workers):
         codes = [w.returncode for w in workers if w.returncode is not None]
-        if failed_at is None and any(code not in (0, 130, 143) for code in codes):
+        if failed_at is None and any(code not in GRACEFUL_CODES for code in codes):
             failed_at = time.monotonic()
             for worker in workers:
                 if worker.poll() is None:
@@ -65,5 +66,5 @@ def _wait(workers: list[subprocess.Popen]) -> int:
                     worker.kill()
         time.sleep(0.05)
     codes = [w.returncode for w in workers]
-    failures = [c for c in codes if c not in (0, 130, 143)]
+    failures = [c for c in codes if c not in GRACEFUL_CODES]
     return failures[0] if failures else codes[0]

@@ -87,13 +87,21 @@ def test_sigkill_then_resume_is_bit_identical(kill_point, reference, cli, cache_
     assert_same_run(run, reference)
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                              ("closed stdout", 141)])
 def test_signal_saves_exits_and_resumes_exactly(signum, code, reference, cli, cache_dir, tmp_path):
+    """SIGHUP is a closed terminal; a closed stdout is `llmkit pretrain | head`: both stop as SIGTERM does."""
     run = tmp_path / "run"
     proc = start([*BASE, f"out_dir={run}"], cache_dir, tmp_path)
     wait_for(lambda: last_logged_step(run) >= 6, proc)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    if signum == "closed stdout":
+        proc.stdout.close()  # the next step line the run prints meets a pipe without a reader
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+        assert "standard output was closed" in err and "stopped by a closed standard output" in err
+    else:
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Resume with: llmkit" in err and "train.resume=auto" in err
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
