@@ -47,6 +47,11 @@ def run(cfg: PPOConfig, resolved_yaml: str) -> int:
         raise UserError(f"only {len(prompts)} training prompts fit in {room} tokens ({dropped} longer dropped), fewer "
                         f"than rollout.batch_size={cfg.rollout.batch_size}; use more data or a smaller batch")
     reward = build_reward_source(cfg.reward, tokenizer, runtime.device)
+    unanswered = next((p for p in [*prompts, *val_prompts] if p.answer is None), None)
+    if getattr(reward, "needs_answers", False) and unanswered is not None:
+        raise UserError(f"{unanswered.where}: no '{cfg.data.answer_field}' (missing or null), and reward.rule="
+                        f"{reward.name} scores every response against its prompt's answer (data.answer_field); add "
+                        "the answer, drop the record, or score with a trained reward model (reward.model=<reward run>)")
     torch.manual_seed(cfg.train.seed)  # the value head's initial weights
     models = PPOModels(policy=base.model, reference=copy.deepcopy(base.model),
                        value=ScalarModel(value_trunk(cfg.value_from, base) or copy.deepcopy(base.model)))

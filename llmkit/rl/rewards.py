@@ -234,6 +234,7 @@ class ExactMatchReward:
     """1 when the response's first line equals the known answer (whitespace normalised), else 0."""
 
     name = "exact_match"
+    needs_answers = True  # every prompt, training and held out, must come with its answer (checked at load)
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor, texts: list[str], answers: list[str | None]) -> Tensor:
         if any(a is None for a in answers):

@@ -120,6 +120,17 @@ def test_ppo_value_from_must_be_a_reward_run(tiny_sft, cli):
     assert done.returncode == 2 and "is not a reward model" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_ppo_refuses_a_prompt_without_an_answer_before_training(tiny_sft, cli, tmp_path):
+    """reward.rule=exact_match needs every answer: a null one on line 3 is named at load, not when it is drawn."""
+    rows = [{"prompt": f"Write ab{i} in capital letters.", "answer": f"AB{i}"} for i in range(40)]
+    rows[2]["answer"] = None
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = cli(*ppo_args(tiny_sft, tmp_path / "ppo", "data.source=files", f"data.path={tmp_path / 'prompts.jsonl'}"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "prompts.jsonl:3" in done.stderr and "'answer'" in done.stderr and "reward.model=" in done.stderr
+    assert not (tmp_path / "ppo" / "checkpoints").exists()
+
+
 def test_ppo_sigkill_then_resume_is_bit_identical(ppo_reference, tiny_sft, cache_dir, tmp_path):
     run = tmp_path / "ppo"
     proc = start(ppo_args(tiny_sft, run), cache_dir, tmp_path)
