@@ -11,7 +11,7 @@ from rich.table import Table
 
 from llmkit.commands.common import LoadedModel, load_trained, resolve_device
 from llmkit.config.schema import EvaluateConfig
-from llmkit.data.shards import check_tokenizer, load_shard
+from llmkit.data.shards import check_tokenizer, is_val_document, load_shard
 from llmkit.data.sources import iter_documents
 from llmkit.errors import UserError
 from llmkit.eval.perplexity import bytes_per_token_id, evaluate_lm
@@ -19,24 +19,30 @@ from llmkit.eval.perplexity import bytes_per_token_id, evaluate_lm
 
 def heldout_tokens(cfg: EvaluateConfig, loaded: LoadedModel) -> tuple[np.ndarray, str]:
     """The tokens to score and a short description of where they came from."""
-    if cfg.heldout == "data":
+    if cfg.heldout in ("data", "corpus"):
+        documents = list(iter_documents(cfg.data))
+        if cfg.heldout == "data":  # the documents `llmkit tokenize` holds out of this corpus, never its training ones
+            documents = [doc for i, doc in enumerate(documents) if is_val_document(i, cfg.data.val_fraction)]
         eos = loaded.tokenizer.token_to_id(loaded.meta.get("eos_token", "<|endoftext|>"))
         ids: list[int] = []
-        for encoding in loaded.tokenizer.encode_batch(list(iter_documents(cfg.data)), add_special_tokens=False):
+        for encoding in loaded.tokenizer.encode_batch(documents, add_special_tokens=False):
             ids.extend(encoding.ids)
             ids.append(eos)
-        return np.asarray(ids, dtype=np.int64), f"{cfg.data.source}:{cfg.data.path or cfg.data.hub_name or ''}"
+        where = cfg.data.path or cfg.data.hub_name
+        split = f"held-out {cfg.data.val_fraction:g}" if cfg.heldout == "data" else "all documents"
+        return np.asarray(ids, dtype=np.int64), f"{cfg.data.source}{f':{where}' if where else ''} ({split})"
     tokens_dir = loaded.meta.get("tokens_dir")
     if not tokens_dir:
         raise UserError(f"{loaded.checkpoint} records no validation split of its own (an imported model has none); "
-                        "score a corpus with heldout=data data.source=... , or "
+                        "score a corpus with heldout=corpus data.source=... , or "
                         "set perplexity=false tasks=[...]")
     if not Path(tokens_dir, "meta.json").is_file():
         raise UserError(f"{loaded.checkpoint}: its validation split ({tokens_dir}) is not available here; "
-                        "evaluate on a corpus instead with heldout=data data.source=... ")
+                        "evaluate on a corpus instead with heldout=data (its held-out documents) or heldout=corpus "
+                        "(all of them) and data.source=... ")
     check_tokenizer(tokens_dir, loaded.tokenizer, f"the tokenizer of {loaded.checkpoint}",
                     "the shards were re-tokenised since it was trained; score a corpus instead with heldout=data "
-                    "data.source=...")
+                    "(its held-out documents) or heldout=corpus (all of them) and data.source=...")
     return load_shard(tokens_dir, "val"), "validation split"
 
 

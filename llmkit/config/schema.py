@@ -246,7 +246,8 @@ class EvaluateConfig:
 
     runs: list[str] = field(default_factory=lambda: ["runs/pretrain/latest"])
     perplexity: bool = True  # held-out loss, perplexity and bits per byte
-    heldout: str = "run"  # run: each run's own validation split | data: the whole corpus given in data.*
+    heldout: str = "run"  # run: each run's validation split | data: the documents data.* holds out (val_fraction,
+    #   as tokenize splits them) | corpus: every document of data.* (a corpus the runs never trained on)
     data: CorpusConfig = field(default_factory=CorpusConfig)
     tasks: list[str] = field(default_factory=list)  # task names (conf/eval_tasks) or YAML paths, e.g. [tinyworld_gen]
     num_fewshot: int | None = None  # override every task's k-shot count (examples from a separate split)
@@ -259,7 +260,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
-        _choice("heldout", self.heldout, ("run", "data"))
+        _choice("heldout", self.heldout, ("run", "data", "corpus"))
         _check(len(self.runs) > 0, "runs must name at least one run or checkpoint")
         _check(self.perplexity or len(self.tasks) > 0, "nothing to evaluate: set perplexity=true or tasks=[...]")
         _check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")

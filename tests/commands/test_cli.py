@@ -1,5 +1,6 @@
 """The CLI surface: help, recipes, config validation, --print-config (through the real CLI)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -81,3 +82,20 @@ def test_an_error_every_process_meets_is_printed_by_the_main_process_only(monkey
     monkeypatch.setenv("RANK", "0")
     assert _report(SettingsError("train.batch_size=6 must split evenly"), console) == 2
     assert console.export_text() == "error: train.batch_size=6 must split evenly\n"
+
+
+def test_heldout_data_scores_only_the_documents_the_corpus_holds_out(tiny_run, cli, tmp_path):
+    """heldout=data on the run's own corpus scores exactly its validation split (never its training documents);
+    heldout=corpus scores every document."""
+
+    def scores(*extra: str) -> dict:
+        done = cli("evaluate", f"runs=[{tiny_run}]", f"output={tmp_path / 'eval.json'}", *extra)
+        assert done.returncode == 0, done.stderr
+        return json.loads((tmp_path / "eval.json").read_text())[0]["perplexity"]
+
+    own = scores()
+    held_out = scores("heldout=data", "data.max_documents=400")  # the tiny recipe's corpus: 400 embedded documents
+    assert (held_out["tokens"], held_out["loss"]) == (own["tokens"], own["loss"])
+    assert held_out["heldout"] == "embedded (held-out 0.05)"
+    every = scores("heldout=corpus", "data.max_documents=400")
+    assert every["tokens"] > 10 * own["tokens"] and every["heldout"] == "embedded (all documents)"

@@ -182,7 +182,7 @@ def test_the_module_runs_as_a_command_and_its_output_feeds_llmkit(tokenizer, tmp
     assert done.stdout.startswith("def f")
     done = subprocess.run([sys.executable, "-m", "llmkit", "evaluate", f"runs=[{tmp_path / 'ckpt'}]"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "records no validation split" in done.stderr and "heldout=data" in done.stderr
+    assert done.returncode == 2 and "records no validation split" in done.stderr and "heldout=corpus" in done.stderr
 
 
 BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
