@@ -9,7 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from llmkit.commands.common import LoadedModel, load_trained, resolve_device
+from llmkit.commands.common import LoadedModel, load_trained, resolve_device, shown
 from llmkit.config.schema import EvaluateConfig
 from llmkit.data.shards import check_tokenizer, is_val_document, load_shard
 from llmkit.data.sources import iter_documents
@@ -90,14 +90,45 @@ def run(cfg: EvaluateConfig, resolved_yaml: str) -> int:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    output = Path(cfg.output) if cfg.output else _run_of(Path(results[0]["checkpoint"])) / "eval.json"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
-    except OSError as error:
-        raise UserError(f"cannot write {output} ({error.strerror}); set output=<path>") from None
-    print(f"wrote {output}")
+    for path in write_results(results, cfg.output):
+        print(f"wrote {shown(path)}")
     return 0
+
+
+def write_results(results: list[dict], output: str | None) -> list[Path]:
+    """Write the results to `output`, or each run's to its own `<run>/eval.json`; nothing is written when any target
+    exists and is not an earlier evaluate result (a run's metrics.jsonl, config.yaml, ... would be lost)."""
+    targets: dict[Path, list[dict]] = {}
+    for entry in results:
+        path = Path(output) if output else _run_of(Path(entry["checkpoint"])) / "eval.json"
+        targets.setdefault(path, []).append(entry)
+    for path in targets:
+        _refuse_to_replace(path)
+    for path, entries in targets.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(entries, indent=2))
+            tmp.replace(path)
+        except OSError as error:
+            raise UserError(f"cannot write {path} ({error.strerror}); set output=<path>") from None
+    return list(targets)
+
+
+def _refuse_to_replace(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"output={path} is a directory; give a file path, e.g. output={path / 'eval.json'}")
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        ours = isinstance(earlier, list) and all(isinstance(e, dict) and {"run", "checkpoint"} <= e.keys()
+                                                 for e in earlier)
+    except (OSError, UnicodeDecodeError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path} exists and is not an earlier `llmkit evaluate` result, so writing the results there "
+                        "would lose it; choose another output=<path>")
 
 
 def _run_of(checkpoint: Path) -> Path:

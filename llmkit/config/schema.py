@@ -255,7 +255,7 @@ class EvaluateConfig:
     seq_len: int | None = None  # None: the model's context
     batch_size: int = 8
     max_batches: int | None = None  # perplexity: None scores the whole split
-    output: str | None = None  # a JSON file for the results; None: <first run>/eval.json
+    output: str | None = None  # one JSON file for all results; None: each run's own <run>/eval.json
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """The CLI surface: help, recipes, config validation, --print-config (through the real CLI)."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -99,3 +100,21 @@ def test_heldout_data_scores_only_the_documents_the_corpus_holds_out(tiny_run, c
     assert held_out["heldout"] == "embedded (held-out 0.05)"
     every = scores("heldout=corpus", "data.max_documents=400")
     assert every["tokens"] > 10 * own["tokens"] and every["heldout"] == "embedded (all documents)"
+
+
+def test_evaluate_writes_each_run_its_own_results_and_never_replaces_a_run_file(tiny_run, cli, tmp_path):
+    """Two runs compared: each gets its own eval.json (the first run's is not replaced by the comparison); an output=
+    that is not an earlier evaluate result (a run's metrics.jsonl) is refused and left as it was."""
+    for name in ("a", "b"):
+        shutil.copytree(tiny_run, tmp_path / name)
+    done = cli("evaluate", "runs=[a,b,a/checkpoints/step_000020]", "max_batches=1")
+    assert done.returncode == 0, done.stderr
+    assert "wrote a/eval.json" in done.stdout and "wrote b/eval.json" in done.stdout
+    a, b = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("a", "b"))
+    assert [e["run"] for e in a] == ["a", "a/checkpoints/step_000020"] and [e["run"] for e in b] == ["b"]
+    history = (tmp_path / "a" / "metrics.jsonl").read_text()
+    done = cli("evaluate", "runs=[a]", "max_batches=1", "output=a/metrics.jsonl")
+    assert done.returncode == 2 and "a/metrics.jsonl exists and is not an earlier `llmkit evaluate` result" in done.stderr
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == history
+    done = cli("evaluate", "runs=[b]", "max_batches=1", "output=a/eval.json")  # an earlier result: replaced
+    assert done.returncode == 0 and [e["run"] for e in json.loads((tmp_path / "a" / "eval.json").read_text())] == ["b"]
