@@ -21,7 +21,7 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
         if not path.is_file():
             raise UserError(f"prompts_file {path} does not exist")
         try:
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            prompts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except UnicodeDecodeError as error:
             raise UserError(f"prompts_file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         if not prompts:

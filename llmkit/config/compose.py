@@ -142,7 +142,7 @@ def _checked_recipe_text(path: Path) -> str:
     import yaml
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         content = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"recipe file {path} cannot be read: {error}") from None

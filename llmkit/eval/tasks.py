@@ -182,7 +182,7 @@ def load_task(name_or_path: str | Path, overrides: Mapping[str, Any] | None = No
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise UserError(f"unknown task {spec!r}; {hint}shipped tasks: {', '.join(known)} (or give a .yaml path)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except OSError as e:
         raise UserError(f"cannot read task file {path}: {e.strerror}; give an existing .yaml path") from None
     except yaml.YAMLError as e:

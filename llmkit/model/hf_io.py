@@ -80,7 +80,7 @@ def weight_files(hf_dir: Path) -> list[Path]:
         return [hf_dir / WEIGHTS]
     if (hf_dir / INDEX).is_file():
         try:
-            weight_map = json.loads((hf_dir / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json.loads((hf_dir / INDEX).read_text(encoding="utf-8-sig"))["weight_map"]
             return [hf_dir / name for name in sorted(set(weight_map.values()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"{hf_dir / INDEX} is not a safetensors index ({error!r})") from None
@@ -110,7 +110,7 @@ def read_chat_template(hf_dir: Path, tokenizer_config: dict[str, Any]) -> str | 
     (a string, or a list of named templates: the one named "default")."""
     if (hf_dir / "chat_template.jinja").is_file():
         try:
-            return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+            return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"{hf_dir / 'chat_template.jinja'} is not readable UTF-8 text ({error})") from None
     template = tokenizer_config.get("chat_template")
@@ -245,7 +245,7 @@ def _refuse_non_empty(out: Path) -> None:
 def _json_object(path: Path, missing: str | None = None) -> dict[str, Any]:
     """A JSON object file. Optional (`missing` None): {} when absent or not an object; else UserError(`missing`)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         if missing is None:
             return {}

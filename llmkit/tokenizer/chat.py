@@ -90,7 +90,7 @@ def _compile(source: str) -> jinja2.Template:
 
 def _from_tokenizer_config(path: Path) -> str:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read chat template from {path}: {e}") from e
     template = config.get("chat_template") if isinstance(config, dict) else None
@@ -113,7 +113,7 @@ def resolve_template(template: str) -> str:
     if path.is_file():
         if path.suffix == ".json":
             return _from_tokenizer_config(path)
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     raise UserError(
         f"chat template {template!r} is not a built-in name ({', '.join(BUILTIN_TEMPLATES)}), a Jinja string, "
         f"a .jinja file or a tokenizer_config.json with a chat_template"

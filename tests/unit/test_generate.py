@@ -194,3 +194,13 @@ def test_bad_arguments_raise_user_error(prompts, kw, match):
     model = make("gpt2")
     with pytest.raises(UserError, match=match):
         generate(model, prompts, **{"max_new_tokens": 4, **kw})
+
+
+def test_a_prompts_file_with_a_bom_and_crlf_gives_clean_prompts(tmp_path):
+    """Editors on Windows write a BOM and CRLF: neither may reach the first prompt (it changed the answer)."""
+    from llmkit.commands.generate import read_prompts
+    from llmkit.config.schema import GenerateConfig
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffWrite abc in capital letters.\r\n\r\nWrite lomab.\r\n".encode())
+    assert read_prompts(GenerateConfig(prompts_file=str(path))) == ["Write abc in capital letters.", "Write lomab."]

@@ -235,6 +235,6 @@ def test_a_list_of_named_chat_templates_imports_the_default_one(tokenizer, tmp_p
     named = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": "{{ eos_token }}"}]
     source = save_hf_dir(hf_model("gpt2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
     config = json.loads((source / "tokenizer_config.json").read_text())
-    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    (source / "tokenizer_config.json").write_text("\ufeff" + json.dumps({**config, "chat_template": named}))  # a BOM
     meta = load_trained(str(import_hf(source, tmp_path / "imported"))).meta
     assert meta["chat_template"] == "{{ eos_token }}" and "bos_token" not in meta
