@@ -96,8 +96,35 @@ SETUP_FILES = ("config.yaml", "tokenizer.json")
 
 
 def run_started(path: Path) -> bool:
-    """Whether ``path`` holds more than a run's set-up files (metrics, checkpoints, shards: results to keep)."""
-    return any(not p.name.startswith(".") and p.name not in SETUP_FILES for p in path.iterdir())
+    """Whether ``path`` holds results to keep: a logged metric, a checkpoint, anything but a run's set-up files.
+
+    A command that failed before its first step (bad data, a shard error) leaves config.yaml, tokenizer.json, an
+    empty metrics.jsonl, TensorBoard's opening event file and an empty checkpoints/: nothing to resume or keep.
+    """
+    metrics = path / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    for entry in path.iterdir():
+        if entry.name.startswith(".") or entry.name in SETUP_FILES:
+            continue
+        if entry.name == "metrics.jsonl" and not logged:
+            continue
+        if entry.name == "tensorboard" and entry.is_dir() and not logged:
+            continue
+        if entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return True
+    return False
+
+
+def _command_of(path: Path) -> str | None:
+    """The command whose results `path` holds: its latest checkpoint's, or tokenize's shards; None if unknown."""
+    checkpoint = latest_checkpoint(path / "checkpoints")
+    if checkpoint is not None:
+        try:
+            return read_meta(checkpoint).get("command")
+        except UserError:
+            return None
+    return "tokenize" if (path / "meta.json").is_file() and (path / "train.bin").is_file() else None
 
 
 def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolved_yaml: str,
@@ -116,7 +143,13 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     harmless = check_resume_source(command, resume, resolved_yaml) if explicit else []
     # resuming continues the run in `path`: auto, or a checkpoint of that same run
     continues = resume == "auto" or (explicit and resolve_checkpoint(resume).resolve().is_relative_to(path.resolve()))
-    if saved.is_file() and not run_started(path):
+    started = saved.is_file() and run_started(path)
+    other = _command_of(path) if started and not overwrite else None
+    if other not in (None, command):
+        kind = "token shards of `llmkit tokenize`" if other == "tokenize" else f"a `llmkit {other}` run"
+        raise UserError(f"{path} holds {kind}, which `llmkit {command}` cannot continue; choose another out_dir= "
+                        "(or train.overwrite=true to replace it)")
+    if saved.is_file() and not started:
         pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
     elif saved.is_file() and continues:
         harmless = sorted(set(harmless) | set(_resumable_changes(path, resolved_yaml, path)))

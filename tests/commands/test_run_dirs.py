@@ -244,3 +244,33 @@ def test_a_resume_with_max_steps_before_the_checkpoint_is_refused_and_leaves_the
     assert_refused(done, f"at step {last}", f"past train.max_steps={last - 1}", f"train.max_steps={last} or more")
     assert "resuming with changed settings" not in done.stdout  # refused before being reported as allowed
     assert snapshot(run) == before  # config.yaml too: the refused max_steps was not written into it
+
+
+def test_a_run_that_failed_before_its_first_step_is_started_afresh_and_another_commands_run_is_named(tiny_run,
+                                                                                                     tmp_path):
+    """A failed start (bad data) leaves config.yaml, an empty metrics.jsonl, TensorBoard's first events file and no
+    checkpoint: the corrected command starts there afresh (it was refused as holding a run, and the suggested
+    resume=auto then refused the changed settings). Another command's run or a tokenize directory is refused by
+    its command, not with a diff of every key."""
+    from llmkit.train.rundir import prepare_run_dir
+
+    failed = tmp_path / "failed"
+    (failed / "tensorboard").mkdir(parents=True)
+    (failed / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"header")
+    (failed / "checkpoints").mkdir()
+    (failed / "metrics.jsonl").write_text("")
+    (failed / "config.yaml").write_text("data:\n  path: one.jsonl\n")
+    for resume in ("never", "auto"):
+        path, _ = prepare_run_dir("sft", str(failed), None, "data:\n  path: good.jsonl\n", resume, False)
+        assert (path / "config.yaml").read_text() == "data:\n  path: good.jsonl\n"
+
+    pretrain = copy_run(tiny_run, tmp_path / "pretrain")
+    for resume in ("never", "auto"):
+        with pytest.raises(UserError, match="holds a `llmkit pretrain` run, which `llmkit sft` cannot continue"):
+            prepare_run_dir("sft", str(pretrain), None, "{}", resume, False)
+    shards = tmp_path / "tokens"
+    shards.mkdir()
+    for name in ("config.yaml", "meta.json", "train.bin", "val.bin"):
+        (shards / name).write_text("{}")
+    with pytest.raises(UserError, match="holds token shards of `llmkit tokenize`"):
+        prepare_run_dir("pretrain", str(shards), None, "{}", "auto", False)
