@@ -432,15 +432,22 @@ class Trainer:
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float, total: int) -> None:
         """Skip the update (parameters untouched) or stop, as train.on_nonfinite says."""
-        what = "no trainable targets in the batch" if total == 0 else f"non-finite loss {loss} / grad norm {grad_norm}"
+        if total == 0:
+            what = "no trainable targets in the batch"
+        else:
+            bad = [f"{name} {value}" for name, value in (("loss", loss), ("grad norm", grad_norm))
+                   if not math.isfinite(value)]
+            what = f"non-finite {' and '.join(bad)} (loss {loss}, grad norm {grad_norm})"
         last = ckpt.latest_checkpoint(self.ckpt_root)
         if self.cfg.on_nonfinite == "skip" and self.state.nonfinite_skips < self.cfg.max_nonfinite_skips:
             self.state.nonfinite_skips += 1
             self.progress.print(f"step {step}: {what}; update skipped ({self.state.nonfinite_skips}/"
                                 f"{self.cfg.max_nonfinite_skips} allowed)")
             return
+        fix = (f"or raise train.max_nonfinite_skips (all {self.cfg.max_nonfinite_skips} were used)"
+               if self.cfg.on_nonfinite == "skip" else "or set train.on_nonfinite=skip")
         raise TrainingError(f"step {step}: {what}; parameters were left untouched. Last good checkpoint: "
-                            f"{last or 'none yet'}. Lower optim.lr or set train.on_nonfinite=skip")
+                            f"{last or 'none yet'}. Lower optim.lr {fix}")
 
     def _update_early_stopping(self, val_loss: float | None) -> bool:
         if val_loss is None:
