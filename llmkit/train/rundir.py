@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = (
     "train.max_nonfinite_skips", "train.device", "train.compile", "train.prefetch", "train.activation_checkpointing",
     "merge",
 )
+CHECKPOINT_KEYS = ("init_from", "value_from", "reward.model")  # may be respelled on resume if they name the same one
 
 
 def default_out_dir(command: str, name: str | None) -> Path:
@@ -61,8 +62,21 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
             if key == "train.max_steps" and new.get("sched.name") not in (None, "constant"):
                 line += (f" (the {new['sched.name']} learning-rate schedule now ends at step {new[key]}: the "
                          "learning rate changes from the resumed step on)")
-            (harmless if key.startswith(RESUMABLE_CHANGES) else blocking).append(line)
+            if key in CHECKPOINT_KEYS and _same_checkpoint(old.get(key), new.get(key)):
+                harmless.append(f"{line} (the same checkpoint)")
+            else:
+                (harmless if key.startswith(RESUMABLE_CHANGES) else blocking).append(line)
     return blocking, harmless
+
+
+def _same_checkpoint(old: Any, new: Any) -> bool:
+    """Whether two spellings (a run, its checkpoint, a relative or absolute path) name one checkpoint now."""
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:
+        return resolve_checkpoint(old).resolve() == resolve_checkpoint(new).resolve()
+    except UserError:
+        return False
 
 
 def _resumable_changes(run: Path, resolved_yaml: str, resumed: Path) -> list[str]:

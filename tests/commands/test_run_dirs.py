@@ -222,6 +222,18 @@ def test_what_a_resume_may_change_and_what_it_may_not():
     assert blocking == ["train.seed: 0 -> 1"]
 
 
+def test_init_from_respelled_as_the_same_checkpoint_is_harmless_on_resume(tiny_run, tmp_path, monkeypatch):
+    from llmkit.train.rundir import config_changes
+
+    monkeypatch.chdir(tiny_run.parent)
+    checkpoint = latest_checkpoint(tiny_run / "checkpoints")
+    blocking, harmless = config_changes(f"init_from: {tiny_run.name}\n", f"init_from: {checkpoint}\n")
+    assert blocking == [] and harmless == [f"init_from: {tiny_run.name!r} -> {str(checkpoint)!r} (the same checkpoint)"]
+    earlier = checkpoint.parent / "step_000020"
+    blocking, _ = config_changes(f"init_from: {tiny_run.name}\n", f"init_from: {earlier}\n")
+    assert blocking == [f"init_from: {tiny_run.name!r} -> {str(earlier)!r}"]
+
+
 def test_messages_show_a_checkpoint_relative_to_the_working_directory_when_inside_it(tmp_path, monkeypatch):
     from llmkit.commands.common import shown
 
