@@ -75,7 +75,8 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
             (tmp / name).write_text(text, encoding="utf-8")
         with Progress(TextColumn("encoding"), BarColumn(),
                       TextColumn("{task.fields[docs]} docs, {task.fields[mb]:.1f} MB"),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
+                      TimeElapsedColumn(), console=console, transient=True,
+                      disable=not console.is_terminal) as bar:  # piped: no bar, and no blank line where it was
             task = bar.add_task("encode", total=None, docs=0, mb=0.0)
             stats = write_token_shards(
                 iter_documents(corpus), tokenizer, tmp, val_fraction=corpus.val_fraction, eos_id=eos_id,
