@@ -227,9 +227,15 @@ def iter_records(
         raise ValueError(f"encoding_errors must be strict or replace, got {encoding_errors!r}")
     stats = stats if stats is not None else ReadStats()
     strings = list(required_fields if string_fields is None else string_fields)
+    found = False
     for file in list_data_files(path, RECORD_SUFFIXES, key=path_key):
         stats.files += 1
-        yield from _file_records(file, list(required_fields), strings, encoding_errors, field_hint, stats)
+        for record in _file_records(file, list(required_fields), strings, encoding_errors, field_hint, stats):
+            found = True
+            yield record
+    if not found:
+        raise UserError(f"{path_key}={path} holds no records (empty or blank); add records, one JSON object per line "
+                        "of a .jsonl file (or rows of a .json list, .csv or .parquet file)")
 
 
 def _file_records(

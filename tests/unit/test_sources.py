@@ -276,3 +276,12 @@ def test_hub_records_name_each_row_and_explain_failures(monkeypatch):
     assert rows[1] == ("org/set[train] row 2", {"prompt": "d", "chosen": "e", "rejected": "f"})
     with pytest.raises(UserError, match=r"data.hub_name='missing/set'.*not cached and offline"):
         hub_records("missing/set", None, "train")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n", b"\xef\xbb\xbf\r\n"])
+def test_a_record_file_without_records_is_named_not_blamed_on_later_settings(content, tmp_path):
+    """sft blamed an empty file on data.loss_on / data.max_length, reward on data.max_length."""
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=r"data\.path=.*empty\.jsonl holds no records"):
+        list(iter_records(f, ["prompt"]))
