@@ -65,6 +65,7 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
     with tempfile.TemporaryDirectory(prefix="llmkit-recipe-") as scratch:
         if recipe:
             group, option = _recipe_override(recipe, recipes_dir, Path(scratch))
+            _refuse_other_commands_recipe(command, f"{group}/{option}" if group != "user" else None)
             if group == "user":
                 search_dirs.append(Path(scratch))
             extra.append(f"+{group}={option}")
@@ -134,6 +135,15 @@ def _recipe_override(recipe: str, recipes_dir: Path, scratch: Path) -> tuple[str
         raise UserError(f"unknown recipe {recipe!r}; {hint}shipped recipes: {', '.join(known)} (or give a .yaml path)")
     group, option = name.rsplit("/", 1)
     return group, option
+
+
+def _refuse_other_commands_recipe(command: str, name: str | None) -> None:
+    """A shipped recipe is written for one command (its `# llmkit <command>` line): say so when used with another."""
+    written_for = recipe_command(name) if name else None
+    if written_for not in (None, command):
+        mine = [r for r in list_recipes() if recipe_command(r) == command]
+        raise UserError(f"{name} is a recipe for `llmkit {written_for}`, not `llmkit {command}`: run `llmkit "
+                        f"{written_for} {name}`, or use one of {command}'s: {', '.join(mine) or 'none'}")
 
 
 def _checked_recipe_text(path: Path) -> str:

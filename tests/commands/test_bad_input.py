@@ -138,6 +138,8 @@ CONFIG_CASES = [
     ("heads-do-not-divide", ["tiny/pretrain", "model.n_head=3"], ["model.d_model=", "model.n_head=3", "divisible"]),
     ("tokenizer-too-small", ["tiny/pretrain", "tokenizer.vocab_size=100"], ["tokenizer.vocab_size=100", "at least 260"]),
     ("unknown-recipe", ["tiny/pretrian"], ["'tiny/pretrian'", "did you mean tiny/pretrain"]),
+    ("another-commands-recipe", ["tiny/sft"], ["tiny/sft is a recipe for `llmkit sft`", "llmkit sft tiny/sft",
+                                               "tiny/pretrain"]),
     ("unknown-group-option", ["model=gpt3"], ["model=gpt3", "tiny", "small", "gpt2_124m"]),
     ("missing-recipe-file", ["no/such/recipe.yaml"], ["no/such/recipe.yaml", "does not exist"]),
     ("unparsable-override", ["tiny/pretrain", "train.max_steps=["], ["'train.max_steps=['", "key=value"]),
