@@ -14,6 +14,7 @@ from llmkit.data.lm import shard_windows
 from llmkit.data.prepare import describe, prepare_tokens
 from llmkit.data.shards import check_tokenizer, read_meta
 from llmkit.errors import UserError
+from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import flops_per_token
 from llmkit.tokenizer.bpe import TOKENIZER_FILE, load_tokenizer
 from llmkit.tokenizer.config import TokenizerConfig
@@ -26,6 +27,8 @@ from llmkit.train.runtime import Runtime
 def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("pretrain", cfg, resolved_yaml)
     source = load_trained(cfg.init_from) if cfg.init_from else None
+    if source is not None:
+        _refuse_other_architecture(cfg, source.config)  # before tokenising a corpus for weights that cannot load
     tok_cfg = cfg.tokenizer
     if source is not None and not tok_cfg.path:  # the weights' own token ids, not a new BPE on this corpus
         tok_cfg = dataclasses.replace(tok_cfg, path=str(source.checkpoint / TOKENIZER_FILE))
@@ -59,6 +62,21 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
         report_result(result)
         print(f"next: llmkit generate run={run_dir} prompt='Return the'   |   llmkit evaluate runs=[{run_dir}]")
     return 0
+
+
+# What a model's weights and function do not depend on: anything else must match init_from's model.
+UNSHAPED = ("name", "dropout", "init_std", "pad_vocab_multiple")
+
+
+def _refuse_other_architecture(cfg: PretrainConfig, theirs: ModelConfig) -> None:
+    ours = cfg.model
+    skip = (*UNSHAPED, "block_size") if ours.pos == theirs.pos == "rope" else UNSHAPED  # rope: no weights per position
+    differ = [f"{f.name} {getattr(theirs, f.name)} (config: {getattr(ours, f.name)})" for f in dataclasses.fields(ours)
+              if f.name not in skip and getattr(ours, f.name) != getattr(theirs, f.name)]
+    if differ:
+        raise UserError(f"init_from={cfg.init_from} holds another model than model={ours.name} describes; the "
+                        f"checkpoint has {', '.join(differ)}: set those model.* keys (or the model= preset it was "
+                        "trained with), or drop init_from")
 
 
 def _cached_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, runtime: Runtime) -> Path:
