@@ -72,6 +72,12 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         raise UserError(f"`llmkit {command}` is not built yet in this version; see README.md for what ships") from None
     recipe = args[0] if args and "=" not in args[0] and not args[0].startswith("~") else None
     overrides = args[1:] if recipe else args
+    if recipe and recipe.startswith("-"):
+        raise UserError(f"unknown option {recipe}; `llmkit {command}` takes --print-config and --help, then "
+                        "[RECIPE] key=value ...")
+    late = next((a for a in overrides if "=" not in a and not a.startswith(("~", "+", "-"))), None)
+    if late is not None:
+        raise UserError(f"{late!r} is not key=value; a recipe goes first: llmkit {command} {late} key=value ...")
     try:
         cfg, resolved_yaml = compose(command, recipe, overrides)
     except UserError as error:

@@ -189,6 +189,11 @@ def schema_keys(root: type, prefix: str = "") -> list[str]:
 def _unknown_key(key: str, root_type: type, where: str = "") -> str:
     keys = schema_keys(root_type)
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    head, _, rest = key.partition(".")
+    groups = sorted({k.split(".", 1)[0] for k in keys})
+    if head not in groups:  # a misspelt group (modle.n_layer): suggest the group, with the rest of the key
+        near = difflib.get_close_matches(head, groups, n=1, cutoff=0.6)
+        close = [f"{near[0]}.{rest}" if rest else near[0]] if near else close
     siblings = [k for k in keys if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] and "." in key]
     hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(siblings or keys[:30])}"
     return f"unknown config key '{key}'{where}; {hint}"
@@ -232,5 +237,12 @@ def _explain(error: Exception, root_type: type, recipe: str | None = None) -> st
     if isinstance(error, OverrideParseException):
         override = getattr(error, "override", None)
         which = f" {override!r}" if override else ""
-        return f"could not parse the override{which}: {str(error).splitlines()[0]} (use key=value, +key=value or ~key)"
+        value = str(override or "").partition("=")[2]
+        quote = (f"; quote a value with special characters: {str(override).partition('=')[0]}='{value}'"
+                 if value and not value.startswith(("'", '"', "[", "{")) else "")
+        return (f"could not parse the override{which}: {str(error).splitlines()[0]} (use key=value, +key=value or "
+                f"~key{quote})")
+    if "Error merging override ~" in str(error):
+        key = str(error).split("~", 1)[1].split()[0]
+        return f"cannot delete {key} (~{key}): every key of the schema is needed; set it instead ({key}=...)"
     return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -143,6 +143,12 @@ CONFIG_CASES = [
     ("unknown-group-option", ["model=gpt3"], ["model=gpt3", "tiny", "small", "gpt2_124m"]),
     ("missing-recipe-file", ["no/such/recipe.yaml"], ["no/such/recipe.yaml", "does not exist"]),
     ("unparsable-override", ["tiny/pretrain", "train.max_steps=["], ["'train.max_steps=['", "key=value"]),
+    ("unquoted-special-value", ["tokenizer.eos_token=<|eos|>"], ["quote a value", "tokenizer.eos_token='<|eos|>'"]),
+    ("recipe-after-overrides", ["train.max_steps=3", "tiny/pretrain"], ["'tiny/pretrain' is not key=value",
+                                                                       "a recipe goes first"]),
+    ("mistyped-option", ["--print-confg"], ["unknown option --print-confg", "--print-config"]),
+    ("misspelt-group", ["modle.n_layer=2"], ["unknown config key 'modle'", "did you mean model"]),
+    ("deleted-key", ["~train.seed"], ["cannot delete train.seed", "train.seed=..."]),
 ]
 
 
