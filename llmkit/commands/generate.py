@@ -80,9 +80,14 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(sampling.seed)
     shown = [p + ("\n" if template else "") for p in prompts]  # a chat answer starts on its own line
     streamer = _Streamer(tokenizer, encoded[0], shown[0], sampling.stop) if cfg.stream and len(prompts) == 1 else None
-    result = generate(model, encoded, max_new_tokens=max_new, temperature=sampling.temperature,
-                      top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, pad_id=pad_id,
-                      generator=generator, on_tokens=streamer, compile=cfg.compile)
+    try:
+        result = generate(model, encoded, max_new_tokens=max_new, temperature=sampling.temperature,
+                          top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, pad_id=pad_id,
+                          generator=generator, on_tokens=streamer, compile=cfg.compile)
+    except KeyboardInterrupt:
+        if streamer is not None:  # end the streamed line, so "interrupted" starts its own
+            print(flush=True)
+        raise
     if streamer is not None:
         streamer.finish()
         return 0

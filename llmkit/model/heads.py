@@ -60,8 +60,8 @@ def load_scalar_model(path: str, kind: str = "reward") -> tuple[ScalarModel, dic
     checkpoint = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(checkpoint)
     if meta.get("kind") != kind:
-        raise UserError(f"{checkpoint} is not a {kind} model (its meta.json says kind={meta.get('kind')!r}, written by "
-                        f"`llmkit {meta.get('command', '?')}`); pass a run of `llmkit {kind}`")
+        raise UserError(f"{checkpoint} is not a {kind} model: `llmkit {meta.get('command', '?')}` wrote it; pass a run "
+                        f"of `llmkit {kind}`")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = ScalarModel(Transformer(ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})))
     ckpt.load_weights(model, ckpt.read_tensors(checkpoint / ckpt.WEIGHTS), checkpoint)

@@ -171,6 +171,8 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     elif saved.is_file() and not overwrite:
         raise UserError(f"{path} already holds a run; pass train.resume=auto to continue it, "
                         "train.overwrite=true to replace it, or choose another out_dir=")
+    elif path.exists() and not path.is_dir():
+        raise UserError(f"out_dir={path} is a file, not a directory; choose another out_dir=")
     elif path.is_dir() and any(path.iterdir()) and not saved.is_file():
         raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
     if saved.is_file() and overwrite and not continues and run_started(path):
