@@ -18,13 +18,16 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     help="llmkit: tokenize, pretrain, fine-tune, align, evaluate and sample language models from one CLI.\n\n"
-    "Usage: llmkit <command> [RECIPE] key=value ...  (RECIPE: a name from `llmkit recipes` or a .yaml path)",
+    "Usage: llmkit <command> [RECIPE] key=value ...  (RECIPE: a name from `llmkit recipes` or a .yaml path; "
+    "`llmkit <command> --print-config` shows every key and what it means)\n\n"
+    "HF transformers model directories in and out: python -m llmkit.model.hf_io import|export ...",
 )
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 ARGS = typer.Argument(None, help="[RECIPE] then Hydra overrides: key=value, +key=value, ~key", show_default=False)
-PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved config, every key with what it means, "
+                            "and exit.")
 
 COMMANDS = {
     "tokenize": "Train a byte-level BPE tokenizer and encode a corpus into token shards.",
@@ -34,7 +37,7 @@ COMMANDS = {
     "reward": "Train a reward model on preference pairs (Bradley-Terry).",
     "ppo": "Align a policy with PPO against a reward model or rule, with a KL penalty.",
     "dpo": "Align a policy directly from preference pairs (DPO / IPO).",
-    "evaluate": "Held-out loss, perplexity and bits per byte of runs or checkpoints, side by side.",
+    "evaluate": "Held-out loss, perplexity and bits per byte, and task suites (tasks=[...]), of runs side by side.",
     "generate": "Sample text from a run or checkpoint (temperature, top-k, top-p, stop strings).",
 }
 
@@ -84,7 +87,9 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         error.same_on_every_process = True  # a launch's processes compose the same arguments: one message is enough
         raise
     if print_config:
-        typer.echo(resolved_yaml, nl=False)
+        from llmkit.config.describe import annotated_yaml
+
+        typer.echo(annotated_yaml(resolved_yaml, schema_for(command)), nl=False)
         return 0
     launcher = getattr(cfg, "launcher", None)
     if launcher is not None and launcher.num_processes > 1 and "WORLD_SIZE" not in os.environ:

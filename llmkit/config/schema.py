@@ -33,12 +33,12 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 class OptimConfig:
     """AdamW (fused where available) or SGD; weight decay on weight matrices only (never on norms or biases)."""
 
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    weight_decay: float = 0.1  # decoupled; matrices only (see decay_embeddings)
+    beta1: float = 0.9  # AdamW's first-moment decay (SGD: momentum)
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
     decay_embeddings: bool = True  # whether embedding matrices get weight decay
     fused: bool | None = None  # None: fused when the device supports it
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -58,9 +58,9 @@ class OptimConfig:
 class SchedConfig:
     """Learning-rate schedule: linear warmup, then cosine/linear decay to min_lr_ratio * lr, or constant."""
 
-    name: str = "cosine"
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
+    name: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 50  # linear warmup from 0 to optim.lr
+    min_lr_ratio: float = 0.1  # cosine/linear end at optim.lr times this
 
     def __post_init__(self) -> None:
         _choice("sched.name", self.name, ("cosine", "linear", "constant"))
@@ -72,25 +72,24 @@ class SchedConfig:
 class TrainConfig:
     """The shared supervised loop: batch geometry, evaluation, checkpoints, resume, guards."""
 
-    max_steps: int = 1000
-    seed: int = 1337
+    max_steps: int = 1000  # optimizer steps
+    seed: int = 1337  # weights init, data order, dropout: one seed, one run
     batch_size: int = 32  # global batch, in sequences (examples or pairs), across all processes
     micro_batch_size: int = 8  # per process and forward pass; the rest is gradient accumulation
     seq_len: int | None = None  # None: the model's context (model.block_size)
-    eval_every: int = 100
+    eval_every: int = 100  # steps between validation losses
     eval_batches: int = 20  # validation micro-batches per evaluation
-    save_every: int = 200
+    save_every: int = 200  # steps between checkpoints
     keep_last: int = 2  # checkpoints kept besides the best one
     resume: str = "never"  # never | auto | a checkpoint directory
     overwrite: bool = False  # allow reusing an out_dir that holds another run (clears it)
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics lines (loss read from the device only then)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or grad norm does
-    max_nonfinite_skips: int = 10
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: skipped updates allowed before the run stops
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
-    # true | false | auto (on CUDA, off on CPU where it measured not worth the compile time). Any, not str, so YAML
-    # and CLI booleans stay booleans in the printed config (a str node would print 'True'); a str after __post_init__.
-    compile: Any = "auto"
+    # Any, not str: YAML and CLI booleans stay booleans in the printed config; a str after __post_init__.
+    compile: Any = "auto"  # true | false | auto (on with CUDA; off on CPU, where it measured not worth the compile)
     fused_loss: bool = True  # lm_head + cross-entropy by row chunks, never the full (B, T, V) logits
     prefetch: bool = True  # build the next step's batches on a background thread during the step
     device: str = "auto"  # auto | cpu | cuda
@@ -130,7 +129,7 @@ class LauncherConfig:
     For several GPUs or nodes you may also use `accelerate launch -m llmkit ...` or `torchrun -m llmkit ...`.
     """
 
-    num_processes: int = 1
+    num_processes: int = 1  # processes on this machine (llmkit starts them; gloo on CPU, NCCL on GPU)
 
     def __post_init__(self) -> None:
         _check(self.num_processes >= 1, f"launcher.num_processes must be >= 1, got {self.num_processes}")
@@ -141,7 +140,7 @@ class RunConfig:
     """Fields every command shares: where the run lives."""
 
     out_dir: str | None = None  # None: runs/<command>/<name or timestamp>
-    name: str | None = None
+    name: str | None = None  # the run directory's name under runs/<command>/ (None: a timestamp)
 
 
 @dataclass
@@ -201,11 +200,11 @@ class PeftRunConfig(SFTConfig):
 class SamplingConfig:
     """How tokens are drawn: greedy at temperature 0."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
+    max_new_tokens: int = 64  # tokens to generate per prompt (at most)
+    temperature: float = 0.8  # 0: greedy; higher: more random
+    top_k: int | None = None  # sample among the k most likely tokens (None: all)
+    top_p: float | None = None  # nucleus: the smallest set holding this probability (None: off)
+    seed: int = 0  # same seed, same samples
     stop: list[str] = field(default_factory=list)  # stop strings (the end-of-sequence token always stops)
 
     def __post_init__(self) -> None:
@@ -244,6 +243,7 @@ class GenerateConfig:
 class EvaluateConfig:
     """`llmkit evaluate`: held-out perplexity and task suites for runs or checkpoints, side by side."""
 
+    # runs, checkpoints, PEFT runs or adapters, side by side
     runs: list[str] = field(default_factory=lambda: ["runs/pretrain/latest"])
     perplexity: bool = True  # held-out loss, perplexity and bits per byte
     heldout: str = "run"  # run: each run's validation split | data: the documents data.* holds out (val_fraction,
@@ -253,7 +253,7 @@ class EvaluateConfig:
     num_fewshot: int | None = None  # override every task's k-shot count (examples from a separate split)
     limit: int | None = None  # score at most this many examples per task
     seq_len: int | None = None  # None: the model's context
-    batch_size: int = 8
+    batch_size: int = 8  # sequences (or task examples) per forward pass
     max_batches: int | None = None  # perplexity: None scores the whole split
     output: str | None = None  # one JSON file for all results; None: each run's own <run>/eval.json
     device: str = "auto"  # auto | cpu | cuda

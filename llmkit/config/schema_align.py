@@ -71,22 +71,22 @@ class PreferenceDataConfig:
     path: str | None = None  # files: a .jsonl/.json/.csv/.parquet file, directory or glob
     validation_path: str | None = None  # files: held-out pairs; None: hold out val_fraction of path
     format: str = "auto"  # auto | pairs | hh | messages
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
+    prompt_field: str = "prompt"  # files: the prompt (a string or a messages list)
+    chosen_field: str = "chosen"  # files: the preferred answer
+    rejected_field: str = "rejected"  # files: the other answer
     system_prompt: str | None = None  # a system message for prompts without one
     chat_template: str | None = None  # None: the template the SFT run was tuned with
     max_length: int | None = None  # tokens of prompt + response; longer pairs are dropped; None: the context
-    tinyworld_train: int = 2000
-    tinyworld_validation: int = 200
-    tinyworld_seed: int = 0
-    tinyworld_families: list[str] | None = None
+    tinyworld_train: int = 2000  # tinyworld: training pairs
+    tinyworld_validation: int = 200  # tinyworld: held-out pairs
+    tinyworld_seed: int = 0  # tinyworld: which generated pairs
+    tinyworld_families: list[str] | None = None  # tinyworld: task families to use (None: all)
     tinyworld_style_fraction: float = 0.0  # share of pairs preferring the bare answer to a chatty one
-    hub_name: str | None = None
-    hub_config: str | None = None
-    hub_split: str = "train"
+    hub_name: str | None = None  # hub: dataset name
+    hub_config: str | None = None  # hub: dataset configuration
+    hub_split: str = "train"  # hub: the split to read
     hub_validation_split: str | None = None  # None: hold out val_fraction of hub_split
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # pairs held out (by content hash) when there is no validation file/split
     encoding_errors: str = "strict"  # strict | replace
 
     def __post_init__(self) -> None:
@@ -111,16 +111,16 @@ class PromptDataConfig:
     source: str = "tinyworld"  # tinyworld | files
     path: str | None = None  # files: records with prompt_field (and answer_field for rule rewards)
     validation_path: str | None = None  # files: held-out prompts; None: hold out val_fraction of path
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # files: the prompt (a string or a messages list)
     answer_field: str = "answer"  # needed by rule rewards (reward.rule=exact_match)
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system turn put before every prompt (None: none)
     chat_template: str | None = None  # None: the template the SFT run was tuned with
-    tinyworld_train: int = 2000
+    tinyworld_train: int = 2000  # tinyworld: training prompts
     tinyworld_validation: int = 64  # held-out prompts scored (greedy) at every evaluation
-    tinyworld_seed: int = 0
-    tinyworld_families: list[str] | None = None
-    val_fraction: float = 0.05
-    encoding_errors: str = "strict"
+    tinyworld_seed: int = 0  # tinyworld: which generated prompts
+    tinyworld_families: list[str] | None = None  # tinyworld: task families to use (None: all)
+    val_fraction: float = 0.05  # prompts held out (by content hash) when there is no validation file
+    encoding_errors: str = "strict"  # strict | replace: invalid UTF-8 in the files
 
     def __post_init__(self) -> None:
         _choice("data.source", self.source, PROMPT_SOURCES)
@@ -183,7 +183,7 @@ class RolloutConfig:
     batch_size: int = 32  # responses per iteration
     samples_per_prompt: int = 1  # responses drawn per prompt (batch_size / samples_per_prompt prompts each iteration)
     max_new_tokens: int = 16  # a response that reaches this without eos is truncated and penalised
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature; the log-probs are taken at it too
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"rollout.batch_size must be positive, got {self.batch_size}")
@@ -198,15 +198,15 @@ class RolloutConfig:
 class PPOLossConfig:
     """K epochs of clipped policy / value updates over minibatches of each rollout."""
 
-    epochs: int = 4
+    epochs: int = 4  # passes over each rollout
     minibatch_size: int = 16  # responses per optimizer step
     micro_batch_size: int = 8  # responses per forward pass (the rest is gradient accumulation)
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
+    clip_eps: float = 0.2  # policy ratio clipped to [1 - eps, 1 + eps]
+    value_clip_eps: float = 0.2  # value updates clipped to +-eps around the rollout's values
     entropy_coef: float = 0.0  # bonus for entropy (0: none)
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages per rollout (mean 0, std 1)
     value_warmup: int = 0  # first iterations that train only the value model (the policy is left as it is)
     baseline: str = "value"  # value: GAE on the value model | group: leave-one-out mean of the prompt's other responses
 
@@ -229,7 +229,7 @@ class KLConfig:
     """Per-token penalty beta * (log pi - log pi_ref) in the reward; beta fixed or adapted to a target KL."""
 
     coef: float = 0.05  # beta (the initial one when adaptive)
-    adaptive: bool = False
+    adaptive: bool = False  # adapt beta toward kl.target (Ziegler et al.)
     target: float = 6.0  # adaptive: wanted KL per response (nats)
     horizon: float = 10000.0  # adaptive: responses over which beta moves by at most 20%
 
@@ -244,15 +244,15 @@ class PPOTrainConfig:
     """The PPO loop's bookkeeping: iterations, evaluation, checkpoints, resume, guards."""
 
     max_steps: int = 40  # PPO iterations (rollout + update)
-    seed: int = 1337
+    seed: int = 1337  # value head init, prompt order, sampling: one seed, one run
     eval_every: int = 10  # greedy mean reward on the held-out prompts
-    save_every: int = 10
-    keep_last: int = 2
+    save_every: int = 10  # iterations between checkpoints
+    keep_last: int = 2  # checkpoints kept
     resume: str = "never"  # never | auto | a checkpoint directory
-    overwrite: bool = False
-    log_every: int = 1
+    overwrite: bool = False  # allow reusing an out_dir that holds another run (clears it)
+    log_every: int = 1  # iterations between metrics lines
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or grad norm does
-    max_nonfinite_skips: int = 10
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: skipped updates allowed before the run stops
     precision: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
 
@@ -271,7 +271,7 @@ class PPOTrainConfig:
 class RewardConfig(RunConfig):
     """`llmkit reward`: a scalar head on an SFT trunk, trained on preference pairs (Bradley-Terry)."""
 
-    init_from: str = "runs/sft/latest"
+    init_from: str = "runs/sft/latest"  # the SFT run or checkpoint the reward model starts from
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -284,6 +284,7 @@ class RewardConfig(RunConfig):
 class DPOConfig(RunConfig):
     """`llmkit dpo`: align an SFT policy directly on preference pairs against a frozen copy of itself."""
 
+    # the SFT run or checkpoint: the policy's start and the frozen reference
     init_from: str = "runs/sft/latest"
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     loss: DPOLossConfig = field(default_factory=DPOLossConfig)
@@ -297,6 +298,7 @@ class DPOConfig(RunConfig):
 class PPOConfig(RunConfig):
     """`llmkit ppo`: an SFT policy, a frozen reference, a value model and a reward source, trained with PPO."""
 
+    # the SFT run or checkpoint: the policy's start and the frozen reference
     init_from: str = "runs/sft/latest"
     value_from: str | None = None  # a `llmkit reward` run whose trunk starts the value model (InstructGPT); None: the SFT
     data: PromptDataConfig = field(default_factory=PromptDataConfig)

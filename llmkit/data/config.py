@@ -25,7 +25,7 @@ class CorpusConfig:
     text_field: str = "text"  # the field/column holding the text (jsonl, json, parquet, csv, hub)
     hub_name: str | None = None  # hub: dataset name, e.g. "wikitext"
     hub_config: str | None = None  # hub: dataset configuration, e.g. "wikitext-2-raw-v1"
-    hub_split: str = "train"
+    hub_split: str = "train"  # hub: the split to read
     streaming: bool = False  # hub: stream instead of downloading the whole split
     max_documents: int | None = None  # stop after this many documents (None: all)
     val_fraction: float = 0.05  # share of whole documents held out for validation

@@ -39,12 +39,12 @@ class SFTDataConfig:
     path: str | None = None  # files: training records (a file, a directory or a glob)
     validation_path: str | None = None  # files: validation records; None: hold out val_fraction of path
     format: str = "auto"  # auto | messages | alpaca | prompt_completion
-    messages_field: str = "messages"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    messages_field: str = "messages"  # format=messages: the list of {role, content}
+    instruction_field: str = "instruction"  # format=alpaca: the instruction
+    input_field: str = "input"  # format=alpaca: the optional input
+    output_field: str = "output"  # format=alpaca: the answer
+    prompt_field: str = "prompt"  # format=prompt_completion: the prompt
+    completion_field: str = "completion"  # format=prompt_completion: the answer
     system_field: str = "system"  # alpaca/prompt_completion: a per-record system message, if present
     system_prompt: str | None = None  # system message for records without one; None: none
     chat_template: str = "chatml"  # chatml | simple | a Jinja string | a .jinja or tokenizer_config.json path
@@ -53,11 +53,11 @@ class SFTDataConfig:
     packing: bool = True  # pack several examples per row (block-diagonal attention) instead of padding
     tinyworld_train: int = 2000  # tinyworld: training examples
     tinyworld_validation: int = 200  # tinyworld: validation examples
-    tinyworld_seed: int = 0
+    tinyworld_seed: int = 0  # tinyworld: which generated tasks
     tinyworld_families: list[str] | None = None  # None: all families (see llmkit.data.tinyworld.FAMILIES)
     hub_name: str | None = None  # hub: dataset name
     hub_config: str | None = None  # hub: dataset configuration
-    hub_split: str = "train"
+    hub_split: str = "train"  # hub: the split to read
     hub_validation_split: str | None = None  # None: hold out val_fraction of hub_split
     val_fraction: float = 0.05  # share of records held out (by content hash) when there is no validation set
     encoding_errors: str = "strict"  # strict | replace: what invalid UTF-8 in local files does

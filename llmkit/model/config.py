@@ -16,24 +16,24 @@ MLPS = ("gelu", "swiglu")
 class ModelConfig:
     """A decoder-only Transformer: GPT-2 style or Llama style through a few switches."""
 
-    name: str = "tiny"
-    vocab_size: int = 4096
+    name: str = "tiny"  # a label for messages and checkpoints
+    vocab_size: int = 4096  # token ids; at least the tokenizer's size
     block_size: int = 256  # context length in tokens
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention (query) heads
     n_kv_head: int | None = None  # None: same as n_head (multi-head); fewer: grouped-query
-    d_model: int = 256
+    d_model: int = 256  # width of the residual stream
     d_ff: int | None = None  # None: 4*d (gelu) or 8/3*d rounded up to 64 (swiglu)
     norm: str = "layernorm"  # layernorm | rmsnorm
     pos: str = "learned"  # learned | rope
     mlp: str = "gelu"  # gelu | swiglu
-    tie_embeddings: bool = True
-    bias: bool = True
+    tie_embeddings: bool = True  # lm_head shares the input embedding matrix
+    bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool | None = None  # None: as bias; true with bias=false: biases on q/k/v only (Qwen2 style)
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    dropout: float = 0.0  # on embeddings, attention and residual branches (training only)
+    rope_theta: float = 10000.0  # rope: base of the rotary frequencies
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    init_std: float = 0.02  # std of the normal initialisation
     pad_vocab_multiple: int = 64  # embedding/lm_head rows rounded up to a multiple of this (1: no padding)
 
     def __post_init__(self) -> None:

@@ -262,6 +262,9 @@ USAGE = """usage: python -m llmkit.model.hf_io import <HF model directory> <chec
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if len(argv) != 3 or argv[0] not in ("import", "export"):
         print(USAGE, file=sys.stderr)
         return 2

@@ -19,9 +19,10 @@ class TokenizerConfig:
     """A byte-level BPE tokenizer trained on the corpus, or an existing tokenizer.json (``path``)."""
 
     vocab_size: int = 4096  # includes the 256 bytes and the special tokens
+    # added as single tokens, never split or merged
     special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
-    eos_token: str = EOS_TOKEN
-    pad_token: str = PAD_TOKEN
+    eos_token: str = EOS_TOKEN  # ends every document and assistant turn
+    pad_token: str = PAD_TOKEN  # fills batches (never trained on)
     min_frequency: int = 2  # a pair must occur this often to be merged
     split_digits: bool = True  # every digit its own token (numbers read digit by digit)
     path: str | None = None  # use this tokenizer.json (or a directory holding one) instead of training
