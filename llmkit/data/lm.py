@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmkit.errors import UserError
+
 
 class TokenWindows:
     """Non-overlapping windows of seq_len + 1 tokens; each epoch starts at a different offset.
@@ -19,12 +21,13 @@ class TokenWindows:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shift_each_epoch: bool = True,
-                 sha256: str | None = None):
+                 sha256: str | None = None, vocab_size: int | None = None):
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.shift_each_epoch = shift_each_epoch
         self.sha256 = sha256  # of the tokens' bytes, from the shards' meta.json (None: shards written before it)
+        self.vocab_size = vocab_size  # a batch holding an id at or past it is refused (a damaged shard)
 
     def fingerprint(self) -> str | None:
         return self.sha256
@@ -43,6 +46,10 @@ class TokenWindows:
 
     def collate(self, examples: list[np.ndarray]) -> dict[str, torch.Tensor]:
         block = torch.from_numpy(np.stack(examples))  # (B, T + 1)
+        if self.vocab_size is not None and int(block.max()) >= self.vocab_size:
+            where = getattr(self.tokens, "filename", None) or "the token shard"
+            raise UserError(f"{where} holds token id {int(block.max())}, outside its vocabulary of {self.vocab_size}: "
+                            "it was damaged after `llmkit tokenize` wrote it; run `llmkit tokenize` again")
         return {"input_ids": block[:, :-1], "labels": block[:, 1:]}
 
 
@@ -75,8 +82,11 @@ def shard_windows(tokens_dir: Path, seq_len: int, seed: int) -> tuple[TokenWindo
     from llmkit.data.shards import load_shard, read_meta
 
     meta = read_meta(tokens_dir)
-    train = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=seed, sha256=meta.get("train_sha256"))
-    val = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False, sha256=meta.get("val_sha256"))
+    vocab = meta.get("vocab_size")
+    train = TokenWindows(load_shard(tokens_dir, "train"), seq_len, seed=seed, sha256=meta.get("train_sha256"),
+                         vocab_size=vocab)
+    val = TokenWindows(load_shard(tokens_dir, "val"), seq_len, shift_each_epoch=False, sha256=meta.get("val_sha256"),
+                       vocab_size=vocab)
     return train, val
 
 

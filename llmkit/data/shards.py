@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
+VERIFY_BYTES = 1 << 30  # shards up to this size are checked against their sha256 when loaded (~1 s per GiB)
 FORMAT_VERSION = 1
 
 
@@ -264,7 +265,8 @@ def check_tokenizer(shard_dir: str | Path, tokenizer: Tokenizer, used: str, fix:
 
 
 def load_shard(shard_dir: str | Path, split: str) -> np.memmap:
-    """The ``split`` ("train" or "val") tokens of a shard directory, memory-mapped read-only."""
+    """The ``split`` ("train" or "val") tokens of a shard directory, memory-mapped read-only; checked against the
+    sha256 and vocabulary size in meta.json when at most VERIFY_BYTES (larger ones: each batch's ids, TokenWindows)."""
     import numpy as np
 
     if split not in SPLITS:
@@ -280,4 +282,14 @@ def load_shard(shard_dir: str | Path, split: str) -> np.memmap:
             f"{path} {found}, but {META_FILE} says {meta[f'{split}_tokens']} tokens ({expected} bytes): "
             "run `llmkit tokenize` again"
         )
-    return np.memmap(path, dtype=dtype, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    recorded = meta.get(f"{split}_sha256")
+    if recorded and expected <= VERIFY_BYTES:
+        again = "; run `llmkit tokenize` again"
+        if hashlib.sha256(tokens).hexdigest() != recorded:
+            raise UserError(f"{path} does not match the sha256 its {META_FILE} records: it was changed or damaged "
+                            f"after `llmkit tokenize` wrote it{again}")
+        if int(tokens.max()) >= meta["vocab_size"]:
+            raise UserError(f"{path} holds token id {int(tokens.max())}, outside its vocabulary of "
+                            f"{meta['vocab_size']}{again}")
+    return tokens

@@ -162,6 +162,36 @@ def test_missing_and_damaged_shards(tok, tmp_path):
         read_meta(tmp_path)
 
 
+def test_a_changed_shard_or_an_id_past_the_vocabulary_is_refused_not_trained_on(tok, tmp_path, monkeypatch):
+    """A flipped bit fails the recorded sha256; an id past the vocabulary is refused when loading (shards up to
+    VERIFY_BYTES) or in the batch that holds it (larger shards, checked by TokenWindows)."""
+    import hashlib
+
+    from llmkit.data import shards
+    from llmkit.data.lm import shard_windows
+
+    write_token_shards(DOCS, tok, tmp_path, val_fraction=0.25, eos_id=0)
+    original = (tmp_path / "train.bin").read_bytes()
+    flipped = bytearray(original)
+    flipped[10] ^= 1
+    (tmp_path / "train.bin").write_bytes(bytes(flipped))
+    with pytest.raises(UserError, match=r"train\.bin does not match the sha256 its meta\.json records"):
+        load_shard(tmp_path, "train")
+
+    too_big = np.frombuffer(original, dtype=np.uint16).copy()
+    too_big[5] = 300  # the vocabulary has 300 ids: 0..299
+    (tmp_path / "train.bin").write_bytes(too_big.tobytes())
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["train_sha256"] = hashlib.sha256(too_big.tobytes()).hexdigest()  # a consistent but wrong shard
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"train\.bin holds token id 300, outside its vocabulary of 300"):
+        load_shard(tmp_path, "train")
+    monkeypatch.setattr(shards, "VERIFY_BYTES", 0)  # as for a shard too large to hash at every start
+    train, _ = shard_windows(tmp_path, 8, seed=0)
+    with pytest.raises(UserError, match=r"train\.bin holds token id 300, outside its vocabulary of 300"):
+        train.collate([train.example(0, i) for i in range(train.num_examples(0))])
+
+
 @pytest.mark.parametrize("text", ["5", "[1, 2]", '{"format": 1}'])
 def test_a_meta_json_that_is_not_a_complete_object_is_refused(tmp_path, text):
     (tmp_path / "meta.json").write_text(text)
