@@ -21,12 +21,15 @@ class TrainProgress:
         self.enabled = enabled
         self.total = total
         self.bar: Progress | None = None
+        self.room = 0  # columns left for the stats on a live bar
         if enabled and live and self.console.is_terminal:
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=self.console,
-            )
+            wide = self.console.width >= 140  # an 80-column terminal gets no bar and no elapsed time
+            columns = [TextColumn("[bold]{task.description}"), *([BarColumn()] if wide else []), MofNCompleteColumn(),
+                       TextColumn("{task.fields[stats]}"), *([TimeElapsedColumn()] if wide else []), TextColumn("ETA"),
+                       TimeRemainingColumn()]
+            fixed = len(description) + 2 * len(str(total)) + 1 + len("ETA") + len("0:00:00") + len(columns)
+            self.room = self.console.width - fixed - (40 + len("0:00:00") if wide else 0)
+            self.bar = Progress(*columns, console=self.console)
             self.task = self.bar.add_task(description, total=total, completed=start, stats="")
             self.bar.start()
 
@@ -35,7 +38,7 @@ class TrainProgress:
             return
         text = format_stats(stats)
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, stats=text)
+            self.bar.update(self.task, completed=step, stats=fit_stats(stats, self.room))
         elif log_line:
             self.console.print(f"step {step}/{self.total} | {text} | ETA {eta}", markup=False, soft_wrap=True)
 
@@ -47,6 +50,15 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def fit_stats(stats: dict[str, float], room: int) -> str:
+    """format_stats in at most `room` columns: the loss, tokens/s and validation loss first, then the loss alone."""
+    for keep in (None, ("loss", "tokens_per_s", "val_loss"), ("loss", "val_loss"), ("loss",)):
+        text = format_stats(stats if keep is None else {k: v for k, v in stats.items() if k in keep})
+        if len(text) <= room:
+            return text
+    return text
 
 
 def format_stats(stats: dict[str, float]) -> str:

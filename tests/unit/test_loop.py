@@ -253,3 +253,13 @@ def test_the_data_check_refuses_only_a_known_other_fingerprint(tmp_path):
         ckpt.refuse_other_data(tmp_path, "abd")
     (tmp_path / "meta.json").write_text(json.dumps({}))  # a checkpoint from before the check
     ckpt.refuse_other_data(tmp_path, "abd")
+
+
+def test_progress_stats_fit_a_narrow_terminal_keeping_the_loss():
+    """On an 80-column terminal the live line dropped its step count and ETA into ellipses; now the stats shrink."""
+    from llmkit.train.progress import fit_stats, format_stats
+
+    stats = {"loss": 4.2815, "lr": 1.05e-3, "tokens_per_s": 37400.0, "mfu": 0.187, "val_loss": 3.88}
+    assert fit_stats(stats, 200) == format_stats(stats)
+    assert fit_stats(stats, 50) == "loss 4.2815 | 37.4k tok/s | val_loss 3.8800"
+    assert fit_stats(stats, 12) == "loss 4.2815"
