@@ -177,11 +177,14 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
         raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
     if saved.is_file() and overwrite and not continues and run_started(path):
         _set_aside(path)
+    new = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, resolved_yaml)
     except OSError as error:
         raise UserError(f"output directory {path} is not writable ({error.strerror}); choose another out_dir=") from None
+    if new:
+        _created.add(path.resolve())
     return path, harmless
 
 
@@ -189,6 +192,7 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
 # replaces aside (checkpoint.replaced_run); a resume rewrites config.yaml with its harmless changes.
 _replaced: dict[Path, Path] = {}
 _earlier_configs: dict[Path, str] = {}
+_created: set[Path] = set()  # run directories this command made: removed if it fails before logging anything
 
 
 def _set_aside(path: Path) -> None:
@@ -208,6 +212,7 @@ def checkpoint_saved(run_dir: Path, command: str) -> None:
     """The loops call this after each checkpoint (main process): the run that train.overwrite replaced is deleted
     at the first one, a resumed run's new config.yaml stays, and `runs/<command>/latest` points at this run."""
     _earlier_configs.pop(run_dir.resolve(), None)
+    _created.discard(run_dir.resolve())
     aside = _replaced.pop(run_dir.resolve(), None)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
@@ -217,7 +222,8 @@ def checkpoint_saved(run_dir: Path, command: str) -> None:
 def settle_run_dirs(succeeded: bool) -> None:
     """At the end of a command that saved no checkpoint in a run: if it failed, a run replaced by train.overwrite
     is put back in place of the new run's files, and a resumed run gets its earlier config.yaml back (a resume
-    refused after the directory was set up leaves no trace); if it succeeded, the replaced run is deleted."""
+    refused after the directory was set up leaves no trace), and a run directory it created but logged nothing in is
+    removed; if it succeeded, the replaced run is deleted."""
     for path, aside in _replaced.items():
         if succeeded:
             shutil.rmtree(aside, ignore_errors=True)
@@ -226,8 +232,12 @@ def settle_run_dirs(succeeded: bool) -> None:
     for path, text in _earlier_configs.items():
         if not succeeded and (path / "config.yaml").is_file():
             write_text_atomic(path / "config.yaml", text)
+    for path in _created:  # a failed start (bad data, settings) leaves no directory holding only its set-up files
+        if not succeeded and path.is_dir() and not run_started(path) and path not in _replaced:
+            shutil.rmtree(path, ignore_errors=True)
     _replaced.clear()
     _earlier_configs.clear()
+    _created.clear()
 
 
 def _put_back(path: Path, aside: Path) -> None:

@@ -245,9 +245,12 @@ def test_model_and_data_that_do_not_fit_are_refused(args, words, cli, tiny_run, 
 
 
 def test_a_run_that_failed_before_training_does_not_block_the_next_attempt(cli, tiny_run, tmp_path):
-    """The failed run left its config.yaml; the next attempt (other settings) is not refused as 'already a run'."""
+    """A failed start removes the directory it made; one it found holding a failed start's config.yaml does not
+    refuse the next attempt (other settings) as 'already a run'."""
     assert_refused(cli("pretrain", "tiny/pretrain", "tokens_dir=no-shards", "out_dir=run"), "no-shards")
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("train:\n  seq_len: 7\n")
     twice = 2 * tiny_model(tiny_run)["block_size"]
     assert_refused(cli("pretrain", "tiny/pretrain", f"train.seq_len={twice}", "out_dir=run"), f"train.seq_len={twice}")
     assert f"seq_len: {twice}" in (tmp_path / "run" / "config.yaml").read_text()

@@ -154,6 +154,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_does_not_move_latest(cli, 
     assert_refused(cli("pretrain", "tiny/pretrain", "name=bad", "tokens_dir=nope"), "nope")
     latest = tmp_path / "runs" / "pretrain" / "latest"
     assert latest.is_symlink() and latest.readlink() == Path("good")
+    assert not (tmp_path / "runs" / "pretrain" / "bad").exists()  # the failed start left no directory behind
 
 
 def test_a_peft_run_records_its_base_as_an_absolute_path_and_loads_from_anywhere(peft_run, cli, tmp_path):
