@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,13 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            lines = self.path.read_text(errors="replace").splitlines()
+            steps = [_step_of(line) for line in lines]
+            kept = [line for line, step in zip(lines, steps, strict=True) if step is not None and step <= resume_step]
+            foreign = sum(step is None for step in steps[:-1])  # a torn last line is a kill's, expected
+            if foreign:
+                print(f"note: {self.path} had {foreign} line(s) that are not metrics records; they are dropped",
+                      file=sys.stderr)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -56,11 +63,12 @@ class MetricsLogger:
             self.writer.close()
 
 
-def _step_of(line: str) -> int:
+def _step_of(line: str) -> int | None:
+    """The record's step; None for a line that is not a metrics record (a torn last line, or foreign text)."""
     try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, ValueError):
-        return 1 << 62  # a torn last line: drop it
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -263,3 +263,17 @@ def test_progress_stats_fit_a_narrow_terminal_keeping_the_loss():
     assert fit_stats(stats, 200) == format_stats(stats)
     assert fit_stats(stats, 50) == "loss 4.2815 | 37.4k tok/s | val_loss 3.8800"
     assert fit_stats(stats, 12) == "loss 4.2815"
+
+
+def test_resuming_drops_later_records_and_says_when_it_drops_foreign_lines(tmp_path, capsys):
+    from llmkit.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    MetricsLogger(tmp_path, True, False, resume_step=2).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert capsys.readouterr().err == ""  # a torn last line is what a kill leaves: nothing to say
+    path.write_text('{"step": 1, "loss": 2.0}\nsomeone else\'s text\n{"step": 2, "loss": 1.5}\n')
+    MetricsLogger(tmp_path, True, False, resume_step=2).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert "had 1 line(s) that are not metrics records" in capsys.readouterr().err
