@@ -49,6 +49,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
               "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
               "rope_theta": 10000.0, "use_sliding_window": False, "sliding_window": 4096},
 }
+NULL_MEANS = ("sliding_window", "num_key_value_heads")  # null: no window; as many key/value heads as heads
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # transformers' Qwen2Tokenizer (forced by AutoTokenizer for model_type qwen2) rebuilds NFC + this split + ByteLevel
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
@@ -64,7 +65,8 @@ def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
     path = hf_dir / "config.json"
     raw = _json_object(path, f"{hf_dir} has no config.json: pass an HF model directory (save_pretrained's output)")
     family = family_of(SimpleNamespace(model_type=raw.get("model_type")))
-    settings = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None or k not in HF_DEFAULTS[family]}}
+    defaults = HF_DEFAULTS[family]  # a key left out takes its default; null too, except where null means "none"
+    settings = {**defaults, **{k: v for k, v in raw.items() if v is not None or k not in defaults or k in NULL_MEANS}}
     if family != "gpt2" and settings["num_key_value_heads"] is None:
         settings["num_key_value_heads"] = settings["num_attention_heads"]
     try:

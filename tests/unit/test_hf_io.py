@@ -238,3 +238,19 @@ def test_a_list_of_named_chat_templates_imports_the_default_one(tokenizer, tmp_p
     (source / "tokenizer_config.json").write_text("\ufeff" + json.dumps({**config, "chat_template": named}))  # a BOM
     meta = load_trained(str(import_hf(source, tmp_path / "imported"))).meta
     assert meta["chat_template"] == "{{ eos_token }}" and "bos_token" not in meta
+
+
+@pytest.mark.parametrize(("window", "context"), [(None, 8192), (16, 16), ("absent", 4096)])
+def test_a_saved_mistral_sliding_window_caps_the_context_only_when_set(window, context, tokenizer, tmp_path):
+    """config.json's "sliding_window": null means no window (Mistral v0.2+), not MistralConfig's default of 4096."""
+    cfg = transformers.MistralConfig(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=8192, hidden_size=32,
+                                     intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, sliding_window=None if window == "absent" else window)
+    torch.manual_seed(0)
+    source = save_hf_dir(randomize(transformers.MistralForCausalLM(cfg)), tokenizer, tmp_path / "hf")
+    if window == "absent":  # transformers' default applies: a 4096-token window
+        config = json.loads((source / "config.json").read_text())
+        del config["sliding_window"]
+        (source / "config.json").write_text(json.dumps(config))
+    loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
+    assert loaded.config.block_size == context and loaded.meta["hf_family"] == "mistral"
