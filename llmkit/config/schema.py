@@ -246,8 +246,9 @@ class EvaluateConfig:
     # runs, checkpoints, PEFT runs or adapters, side by side
     runs: list[str] = field(default_factory=lambda: ["runs/pretrain/latest"])
     perplexity: bool = True  # held-out loss, perplexity and bits per byte
-    heldout: str = "run"  # run: each run's validation split | data: the documents data.* holds out (val_fraction,
-    #   as tokenize splits them) | corpus: every document of data.* (a corpus the runs never trained on)
+    # run: each run's validation split | data: the documents data.* holds out (data.val_fraction, as tokenize
+    # splits them) | corpus: every document of data.* (a corpus the runs never trained on)
+    heldout: str = "run"
     data: CorpusConfig = field(default_factory=CorpusConfig)
     tasks: list[str] = field(default_factory=list)  # task names (conf/eval_tasks) or YAML paths, e.g. [tinyworld_gen]
     num_fewshot: int | None = None  # override every task's k-shot count (examples from a separate split)
