@@ -191,6 +191,8 @@ def _load_adapter_dir(directory: Path, device) -> LoadedModel:
     loaded = _adapter_base(base_path, directory)
     _attach_adapter(loaded.model, directory, config, ckpt.read_tensors(directory / ADAPTER_FILE), loaded.tokenizer)
     meta = {**loaded.meta, "kind": "adapter", "base": base_path}
+    if (config.get("base_info") or {}).get("chat_template"):  # the template the adapter was tuned with
+        meta["chat_template"] = config["base_info"]["chat_template"]
     return LoadedModel(loaded.model.to(device).eval(), loaded.tokenizer, meta, directory)
 
 
@@ -202,6 +204,14 @@ def write_model_checkpoint(model: torch.nn.Module, directory: Path, meta: dict, 
     meta = {**meta, "model": dataclasses.asdict(model.cfg)}
     return ckpt.finish_checkpoint(directory, tmp, meta.get("step", 0), model.state_dict(), {}, meta,
                                   {"tokenizer.json": tokenizer_path})
+
+
+def kept_template(template: str | None) -> str | None:
+    """The chat template a run records: a built-in name as is, anything else (a file, an HF directory) as its Jinja
+    source, so that the run renders prompts the same from any directory and after the file moves."""
+    from llmkit.tokenizer.chat import BUILTIN_TEMPLATES, resolve_template
+
+    return template if template is None or template in BUILTIN_TEMPLATES else resolve_template(template)
 
 
 def inherited_meta(meta: dict[str, Any]) -> dict[str, Any]:

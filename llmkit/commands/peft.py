@@ -8,7 +8,14 @@ from functools import partial
 from rich.console import Console
 from rich.table import Table
 
-from llmkit.commands.common import inherited_meta, report_result, shown, start_run, write_model_checkpoint
+from llmkit.commands.common import (
+    inherited_meta,
+    kept_template,
+    report_result,
+    shown,
+    start_run,
+    write_model_checkpoint,
+)
 from llmkit.commands.sft import load_base
 from llmkit.config.schema import PeftRunConfig
 from llmkit.data.instruct import instruction_sets
@@ -42,10 +49,13 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     info = apply_peft(model, cfg.peft, tokenizer)
     if runtime.is_main:
         print_summary(model, info)
-    save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})  # the config, now
+    # instruction tuning renders prompts in data.chat_template from now on; corpus tuning keeps the base's
+    template = kept_template(cfg.data.chat_template) if cfg.objective == "sft" else meta.get("chat_template")
+    base_info = {"checkpoint": str(base.checkpoint), **({"chat_template": template} if template else {})}
+    save_adapter(model, cfg.peft, run_dir / "adapter", base_info)  # the config, now
     spec = TrainSpec(
         command="peft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
-        meta={**inherited_meta(meta), "command": "peft", "kind": "adapter",
+        meta={**inherited_meta(meta), "command": "peft", "kind": "adapter", "chat_template": template,
               "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
         flops_per_token=partial(flops_per_token, model.cfg, adapter_params=info.trainable_params),
         saved_tensors=adapter_state_dict,
@@ -53,7 +63,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
     if runtime.is_main:
-        save_adapter(model, cfg.peft, run_dir / "adapter", {"checkpoint": str(base.checkpoint)})
+        save_adapter(model, cfg.peft, run_dir / "adapter", base_info)
         if cfg.merge:
             merged = write_model_checkpoint(merge_adapter(model), run_dir / "merged", {**spec.meta, "kind": "full",
                                                                                         "step": result.step},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.commands.common import LoadedModel, inherited_meta, load_start, shown, start_run
+from llmkit.commands.common import LoadedModel, inherited_meta, kept_template, load_start, shown, start_run
 from llmkit.config.schema_align import RewardConfig
 from llmkit.data.preference import PreferenceSets, preference_sets
 from llmkit.errors import UserError
@@ -48,7 +48,7 @@ def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict
     """Checkpoint meta of a run fine-tuned from `base` on pairs (tokens, template, lineage)."""
     kept = inherited_meta(base.meta)
     return {**kept, "command": command, "model": dataclasses.asdict(model_cfg), "base": str(base.checkpoint.resolve()),
-            "chat_template": template}
+            "chat_template": kept_template(template)}
 
 
 def held_out_by_family(trainer: PairTrainer) -> dict:

@@ -6,7 +6,15 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
-from llmkit.commands.common import LoadedModel, inherited_meta, load_start, report_result, shown, start_run
+from llmkit.commands.common import (
+    LoadedModel,
+    inherited_meta,
+    kept_template,
+    load_start,
+    report_result,
+    shown,
+    start_run,
+)
 from llmkit.config.schema import SFTConfig
 from llmkit.data.instruct import instruction_sets
 from llmkit.errors import UserError
@@ -42,7 +50,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
         command="sft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "sft",
               "model": dataclasses.asdict(model.cfg), "base": str(base.checkpoint),
-              "chat_template": cfg.data.chat_template},
+              "chat_template": kept_template(cfg.data.chat_template)},
         flops_per_token=partial(flops_per_token, model.cfg),
         files={"tokenizer.json": run_dir / "tokenizer.json"},
     )

@@ -30,6 +30,7 @@ from llmkit.model.hf import (
     state_dict_from_hf,
     state_dict_to_hf,
 )
+from llmkit.tokenizer.chat import BOS_SETTING, hf_directory_template, token_name
 
 # What transformers assumes when config.json leaves a key out (GPT2Config / LlamaConfig defaults).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -54,8 +55,6 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # transformers' Qwen2Tokenizer (forced by AutoTokenizer for model_type qwen2) rebuilds NFC + this split + ByteLevel
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
                r"""\s+(?!\S)|\s+""")
-# An imported template that uses bos_token carries its value: llmkit renders templates with an empty bos_token.
-BOS_SETTING = "{{%- set bos_token = {} -%}}"
 SPLIT_PROBE = ("It's 2024-11-25; I'VE said: café, naïve, Å\u0301! x  =  f12(y)\r\n\n\tdef g(_a):\n    return a**2  # ok?\n"
                "数字123 über—«quotes» 'll 'D \u00a0end   ")
 
@@ -107,25 +106,6 @@ def read_hf_weights(files: list[Path], family: str) -> dict[str, Any]:
     return state
 
 
-def read_chat_template(hf_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
-    """The chat template as transformers reads it: chat_template.jinja, else tokenizer_config.json's chat_template
-    (a string, or a list of named templates: the one named "default")."""
-    if (hf_dir / "chat_template.jinja").is_file():
-        try:
-            return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"{hf_dir / 'chat_template.jinja'} is not readable UTF-8 text ({error})") from None
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
-def _token_name(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def import_hf(hf_dir: Path, out: Path) -> Path:
     """Write the HF model at `hf_dir` as an llmkit checkpoint under `out` (fp32 weights); returns the checkpoint."""
     from llmkit.commands.common import write_model_checkpoint
@@ -146,7 +126,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         raise UserError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the model's "
                         f"vocab_size={cfg.vocab_size} in config.json: the tokenizer does not belong to this model")
     special = _json_object(hf_dir / "tokenizer_config.json")
-    eos = _token_name(special.get("eos_token")) or "<|endoftext|>"
+    eos = token_name(special.get("eos_token")) or "<|endoftext|>"
     if tokenizer.token_to_id(eos) is None:
         raise UserError(f"{hf_dir}: its end-of-text token {eos!r} is not in tokenizer.json; set eos_token in "
                         "tokenizer_config.json")
@@ -154,14 +134,13 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     tensors = {k: v.float() for k, v in state_dict_from_hf(read_hf_weights(files, family), cfg, family).items()}
     ckpt.load_weights(model, tensors, hf_dir)
     meta = {"command": "import", "hf_source": str(hf_dir.resolve()), "hf_family": family, "eos_token": eos,
-            "pad_token": _token_name(special.get("pad_token")) or eos}
-    bos = _token_name(special.get("bos_token"))
+            "pad_token": token_name(special.get("pad_token")) or eos}
+    bos = token_name(special.get("bos_token"))
     if bos and tokenizer.token_to_id(bos) is not None:
         meta["bos_token"] = bos
-    template = read_chat_template(hf_dir, special)
+    template = hf_directory_template(hf_dir)
     if template is not None:  # generate, evaluate, sft, ... then wrap prompts in it
-        meta["chat_template"] = BOS_SETTING.format(json.dumps(bos)) + template if bos and "bos_token" in template \
-            else template
+        meta["chat_template"] = template
     return write_model_checkpoint(model, out, meta, hf_dir / "tokenizer.json")
 
 

@@ -88,17 +88,36 @@ def _compile(source: str) -> jinja2.Template:
         raise UserError(f"chat template has a Jinja syntax error on line {e.lineno}: {e.message}") from e
 
 
-def _from_tokenizer_config(path: Path) -> str:
+# A template read from an HF directory that uses bos_token carries the directory's bos: llmkit renders templates
+# with an empty bos_token, transformers with the tokenizer's.
+BOS_SETTING = "{{%- set bos_token = {} -%}}"
+
+
+def token_name(value: object) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken dict's content."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def hf_directory_template(directory: Path) -> str | None:
+    """The chat template of an HF model directory as transformers reads it (chat_template.jinja, else
+    tokenizer_config.json's chat_template: a string, or the one named "default" of a list), with its bos set."""
+    config_path = directory / "tokenizer_config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8-sig"))
+        config = json.loads(config_path.read_text(encoding="utf-8-sig")) if config_path.is_file() else {}
+        jinja = directory / "chat_template.jinja"
+        template = jinja.read_text(encoding="utf-8-sig") if jinja.is_file() else None
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read chat template from {path}: {e}") from e
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}]
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        raise UserError(f"cannot read the chat template of {directory}: {e}") from e
+    config = config if isinstance(config, dict) else {}
+    if template is None:
+        template = config.get("chat_template")
+        if isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
     if not isinstance(template, str) or not template:
-        raise UserError(f"{path} has no 'chat_template' string; name a built-in template ({', '.join(BUILTIN_TEMPLATES)}) instead")
-    return template
+        return None
+    bos = token_name(config.get("bos_token"))
+    return BOS_SETTING.format(json.dumps(bos)) + template if bos and "bos_token" in template else template
 
 
 def resolve_template(template: str) -> str:
@@ -108,11 +127,15 @@ def resolve_template(template: str) -> str:
     if "{{" in template or "{%" in template:
         return template
     path = Path(template).expanduser()
+    if path.name == "tokenizer_config.json":
+        path = path.parent
     if path.is_dir():
-        path = path / "tokenizer_config.json"
+        found = hf_directory_template(path)
+        if found is None:
+            raise UserError(f"{path} has no chat template (chat_template.jinja, or a 'chat_template' string in "
+                            f"tokenizer_config.json); name a built-in template ({', '.join(BUILTIN_TEMPLATES)}) instead")
+        return found
     if path.is_file():
-        if path.suffix == ".json":
-            return _from_tokenizer_config(path)
         return path.read_text(encoding="utf-8-sig")
     raise UserError(
         f"chat template {template!r} is not a built-in name ({', '.join(BUILTIN_TEMPLATES)}), a Jinja string, "

@@ -287,3 +287,12 @@ def test_a_run_that_failed_before_its_first_step_is_started_afresh_and_another_c
         (shards / name).write_text("{}")
     with pytest.raises(UserError, match="holds token shards of `llmkit tokenize`"):
         prepare_run_dir("pretrain", str(shards), None, "{}", "auto", False)
+
+
+def test_a_peft_run_records_the_chat_template_it_was_tuned_with(peft_run):
+    """A PEFT run on instruction data renders prompts in data.chat_template from then on, run and adapter alike (it
+    kept the base's: none for a pretrained base, so generate and evaluate used no template)."""
+    from llmkit.commands.common import load_trained
+
+    assert load_trained(str(peft_run)).meta["chat_template"] == "chatml"
+    assert load_trained(str(peft_run / "adapter")).meta["chat_template"] == "chatml"

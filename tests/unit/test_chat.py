@@ -130,7 +130,7 @@ def test_templates_that_cannot_teach_stopping_are_refused(tok, tmp_path):
     with pytest.raises(UserError, match="not a built-in name"):
         resolve_template("nonexistent-template")
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(UserError, match="no 'chat_template'"):
+    with pytest.raises(UserError, match="has no chat template"):
         resolve_template(str(tmp_path))
     with pytest.raises(UserError, match="syntax error"):
         render_prompt(CONVERSATION, "{% for m in messages %}")
@@ -169,3 +169,21 @@ def test_rendering_matches_transformers(tok, template):
         for gen in (True, False):
             expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert render_prompt(messages, template, gen) == expected
+
+
+def test_a_template_from_a_file_or_an_hf_directory_is_kept_as_its_source_with_the_directorys_bos(tmp_path):
+    """sft/peft/dpo/reward record a template given by path as its Jinja source (a relative path broke generate from
+    another directory); an HF directory's template that uses bos_token gets the directory's bos, as in transformers."""
+    from llmkit.commands.common import kept_template
+    from llmkit.tokenizer.chat import BOS_SETTING
+
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    assert kept_template(str(tmp_path / "t.jinja")) == (tmp_path / "t.jinja").read_text()
+    assert kept_template("chatml") == "chatml" and kept_template(None) is None
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "chat_template": "unused"}))
+    (hf / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    source = BOS_SETTING.format('"<s>"') + (hf / "chat_template.jinja").read_text()
+    assert resolve_template(str(hf)) == source == kept_template(str(hf / "tokenizer_config.json"))
+    assert render_prompt([{"role": "user", "content": "hi"}], source, add_generation_prompt=False) == "<s>hi"

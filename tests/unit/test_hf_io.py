@@ -197,7 +197,7 @@ def test_a_llama_with_a_bos_token_prompts_as_transformers_does(tmp_path):
     from tokenizers.processors import TemplateProcessing
 
     from llmkit.commands.generate import encode_prompt
-    from llmkit.model.hf_io import BOS_SETTING
+    from llmkit.tokenizer.chat import BOS_SETTING
 
     docs = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)]
     tokenizer = train_bpe(docs, 320, ["<|endoftext|>", "<|pad|>", "<s>"], 2, False)
