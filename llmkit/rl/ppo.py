@@ -297,7 +297,8 @@ class PPOTrainer:
                     self.value_scheduler.step()
                     self.iteration += 1
                     step = self.iteration
-                    done = step == cfg.max_steps or stop.requested
+                    stopping = stop.requested  # read once: a request made while this iteration prints stops the next
+                    done = step == cfg.max_steps or stopping
                     if step % cfg.eval_every == 0 or step == cfg.max_steps:
                         self.last_val = self.evaluate()
                         record.update(self.last_val)
@@ -312,7 +313,7 @@ class PPOTrainer:
                     self.progress.update(step, shown, format_duration(rate * (cfg.max_steps - step)), logged)
                     if step % cfg.save_every == 0 or done:
                         last_saved = self.save()
-                    if stop.requested:
+                    if stopping:
                         raise InterruptedRun(self._resume_message(stop.name, last_saved), stop.exit_code)
         finally:
             self.progress.close()

@@ -152,6 +152,22 @@ def test_ppo_sigkill_then_resume_is_bit_identical(ppo_reference, tiny_sft, cache
                                             for r in records(ppo_reference)])
 
 
+def test_ppo_with_its_output_closed_saves_the_iteration_it_stops_after(tiny_sft, cache_dir, tmp_path):
+    """`llmkit ppo | head`: the iteration after the failed print is finished, saved and named (it named the
+    checkpoint before it)."""
+    import re
+
+    run = tmp_path / "ppo"
+    proc = start(ppo_args(tiny_sft, run), cache_dir, tmp_path)
+    wait_for(lambda: last_logged_step(run) >= 1, proc)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    stopped = re.search(r"stopped by a closed standard output at iteration (\d+); checkpoint saved at (\S+)\.", err)
+    assert stopped, err
+    assert stopped[2].endswith(f"step_{int(stopped[1]):06d}") and (run / "checkpoints" / Path(stopped[2]).name).is_dir()
+
+
 def test_alignment_without_an_sft_run_says_how(cli):
     for command in ("reward", "ppo"):  # dpo starts the same way as reward
         done = cli(command, "logger.tensorboard=false")
