@@ -46,15 +46,19 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
     """Compose the config, then run the command; user errors become one line and exit code 2."""
     from rich.console import Console
 
-    from llmkit.train.signals import StdoutClosed, guard_stdout
+    from llmkit.train.signals import StdoutClosed, Terminated, guard_stdout, terminate_outside_loops
 
     guard_stdout()  # `llmkit ... | head`: a training run saves and stops; another command ends quietly
+    terminate_outside_loops()  # SIGTERM/SIGHUP before or after a training loop: as Ctrl-C, with a message
     console = Console(stderr=True, highlight=False)
     try:
         code = _run(command, list(args or []), print_config)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         code = 130
+    except Terminated as stop:
+        console.print(f"[red]stopped by {stop}[/red]")
+        code = 128 + stop.signum
     except StdoutClosed:
         code = 141
     except Exception as error:

@@ -89,6 +89,29 @@ class GracefulStop:
             signal.signal(signum, handler)
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP outside a training loop (during set-up, generate, evaluate): the command ends as after
+    Ctrl-C, cleaning up what it started (a BaseException, as KeyboardInterrupt, so no `except Exception` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def terminate_outside_loops() -> None:
+    """SIGTERM and SIGHUP raise Terminated in the main thread; a training loop's GracefulStop takes them over for its
+    lifetime (and gives them back)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(signum, handler)
+        except ValueError:  # not the main thread
+            pass
+
+
 class StdoutClosed(Exception):
     """Standard output was closed outside a training loop: the command ends quietly (exit 141, as after SIGPIPE)."""
 

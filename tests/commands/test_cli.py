@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -118,3 +119,30 @@ def test_evaluate_writes_each_run_its_own_results_and_never_replaces_a_run_file(
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == history
     done = cli("evaluate", "runs=[b]", "max_batches=1", "output=a/eval.json")  # an earlier result: replaced
     assert done.returncode == 0 and [e["run"] for e in json.loads((tmp_path / "a" / "eval.json").read_text())] == ["b"]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_termination_outside_a_training_loop_ends_the_command_with_a_message(signum, code, monkeypatch, capsys):
+    """During set-up (tokenising, loading) SIGTERM/SIGHUP killed the process without a word and left its run
+    directory; now they end it as Ctrl-C does (run directories settled, one line, 128 + the signal)."""
+    import os
+
+    import typer
+
+    from llmkit import cli
+
+    def signalled(*args):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(cli, "_run", signalled)
+    try:
+        with pytest.raises(typer.Exit) as ended:
+            cli.run_command("pretrain", [], False)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert ended.value.exit_code == code
+    assert f"stopped by {signal.Signals(signum).name}" in capsys.readouterr().err
