@@ -25,7 +25,8 @@ app = typer.Typer(
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-ARGS = typer.Argument(None, help="[RECIPE] then Hydra overrides: key=value, +key=value, ~key", show_default=False)
+ARGS = typer.Argument(None, help="[RECIPE] then Hydra overrides: key=value (+key=value adds a key the schema has)",
+                      show_default=False)
 PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved config, every key with what it means, "
                             "and exit.")
 
@@ -77,12 +78,17 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         schema_for(command)
     except KeyError:
         raise UserError(f"`llmkit {command}` is not built yet in this version; see README.md for what ships") from None
-    recipe = args[0] if args and "=" not in args[0] and not args[0].startswith("~") else None
+    recipe = args[0] if args and "=" not in args[0] and not args[0].startswith(("~", "+")) else None
     overrides = args[1:] if recipe else args
     if recipe and recipe.startswith("-"):
         raise UserError(f"unknown option {recipe}; `llmkit {command}` takes --print-config and --help, then "
                         "[RECIPE] key=value ...")
-    late = next((a for a in overrides if "=" not in a and not a.startswith(("~", "+", "-"))), None)
+    deleted = next((a for a in args if a.startswith("~")), None)
+    if deleted is not None:
+        key = deleted[1:].split("=", 1)[0]
+        raise UserError(f"cannot delete {key} ({deleted}): every key of llmkit's schema is needed; set it instead "
+                        f"({key}=...)")
+    late = next((a for a in overrides if "=" not in a and not a.startswith(("+", "-"))), None)
     if late is not None:
         raise UserError(f"{late!r} is not key=value; a recipe goes first: llmkit {command} {late} key=value ...")
     try:

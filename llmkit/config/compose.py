@@ -83,7 +83,7 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
             raise UserError(_explain(error, root_type, recipe)) from None
         finally:
             GlobalHydra.instance().clear()
-    return typed, OmegaConf.to_yaml(cfg)
+    return typed, OmegaConf.to_yaml(cfg, resolve=True)  # interpolations (${...}) shown and saved as their values
 
 
 def _refuse_added_keys(node: Any, root_type: type, prefix: str = "") -> None:
@@ -221,10 +221,10 @@ def _explain(error: Exception, root_type: type, recipe: str | None = None) -> st
     if "full_key:" in text:  # a failure inside a config file (a recipe, a conf/ group), which Hydra names first
         lines = [line.strip() for line in text.splitlines()]
         key = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:"))
-        reason = next((line for line in lines[1:] if line and not line.startswith(("full_key", "object_type",
-                                                                                         "reference_type"))), "")
         source = text.split("'", 2)[1] if text.startswith("In '") else None
-        where = f" in {recipe}" if source in ("user/recipe", recipe) else f" in {source}.yaml" if source else ""
+        reason = next((line for line in lines[1 if source else 0:] if line and not line.startswith(
+            ("full_key", "object_type", "reference_type"))), "")
+        where = "" if source is None else f" in {recipe}" if source in ("user/recipe", recipe) else f" in {source}.yaml"
         if "ConfigKeyError" in text:
             return _unknown_key(key, root_type, where)
         return _bad_value(key, reason, where)
@@ -238,11 +238,8 @@ def _explain(error: Exception, root_type: type, recipe: str | None = None) -> st
         override = getattr(error, "override", None)
         which = f" {override!r}" if override else ""
         value = str(override or "").partition("=")[2]
-        quote = (f"; quote a value with special characters: {str(override).partition('=')[0]}='{value}'"
+        mark = '"' if "'" in value else "'"
+        quote = (f"; quote a value with special characters: {str(override).partition('=')[0]}={mark}{value}{mark}"
                  if value and not value.startswith(("'", '"', "[", "{")) else "")
-        return (f"could not parse the override{which}: {str(error).splitlines()[0]} (use key=value, +key=value or "
-                f"~key{quote})")
-    if "Error merging override ~" in str(error):
-        key = str(error).split("~", 1)[1].split()[0]
-        return f"cannot delete {key} (~{key}): every key of the schema is needed; set it instead ({key}=...)"
+        return f"could not parse the override{which}: {str(error).splitlines()[0]} (use key=value or +key=value{quote})"
     return str(error).splitlines()[0] if str(error) else type(error).__name__

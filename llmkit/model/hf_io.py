@@ -122,6 +122,9 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         raise UserError(f"{hf_dir} has no tokenizer.json (a fast tokenizer's file): save the tokenizer with "
                         "AutoTokenizer.from_pretrained(...).save_pretrained(dir) first")
     tokenizer = load_tokenizer(hf_dir / "tokenizer.json")
+    if family == "qwen2" and not _splits_as_qwen2(tokenizer):
+        print(f"note: {hf_dir}/tokenizer.json splits text otherwise than transformers' Qwen2Tokenizer, which "
+              "AutoTokenizer uses for a qwen2 model: llmkit uses tokenizer.json as it is", file=sys.stderr)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise UserError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the model's "
                         f"vocab_size={cfg.vocab_size} in config.json: the tokenizer does not belong to this model")

@@ -99,8 +99,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     file = tokenizer_file(path)
     try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception for JSON and schema errors
+        return Tokenizer.from_str(file.read_text(encoding="utf-8-sig"))  # (a BOM, as some editors write, is dropped)
+    except OSError as e:
+        raise UserError(f"{file} cannot be read ({e.strerror})") from None
+    except Exception as e:  # tokenizers raises a bare Exception for JSON and schema errors; bad UTF-8 too
         raise UserError(
             f"{file} is not a valid tokenizer.json ({e}); re-run `llmkit tokenize` to write it again"
         ) from None

@@ -149,6 +149,8 @@ CONFIG_CASES = [
     ("mistyped-option", ["--print-confg"], ["unknown option --print-confg", "--print-config"]),
     ("misspelt-group", ["modle.n_layer=2"], ["unknown config key 'modle'", "did you mean model"]),
     ("deleted-key", ["~train.seed"], ["cannot delete train.seed", "train.seed=..."]),
+    ("deleted-group", ["~model"], ["cannot delete model", "model=..."]),
+    ("unknown-interpolation", ["name=${nowhere}"], ["bad value for 'name': Interpolation key 'nowhere' not found"]),
 ]
 
 

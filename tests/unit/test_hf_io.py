@@ -93,7 +93,7 @@ def test_import_then_export_keeps_the_logits_and_the_tokenizer(family, tokenizer
     assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|pad|>"
 
 
-def test_a_qwen2_style_model_with_another_tokenizer_is_not_exported(tokenizer, tmp_path):
+def test_a_qwen2_style_model_with_another_tokenizer_is_not_exported(tokenizer, tmp_path, capsys):
     """AutoTokenizer rebuilds a qwen2 model's tokenizer with Qwen2's splitting: with a GPT-2 style BPE the exported
     directory would tokenize differently in transformers (checked here), so export refuses it."""
     source = save_hf_dir(hf_model("qwen2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
@@ -101,6 +101,7 @@ def test_a_qwen2_style_model_with_another_tokenizer_is_not_exported(tokenizer, t
     text = "def f3(x):\n    return x * 3"
     assert hf_tokenizer(text)["input_ids"] != tokenizer.encode(text).ids  # why the refusal is needed
     checkpoint = import_hf(source, tmp_path / "imported")
+    assert "splits text otherwise than transformers' Qwen2Tokenizer" in capsys.readouterr().err  # said on import
     refused(lambda: export_hf(str(checkpoint), tmp_path / "out"), "Qwen2Tokenizer", "model.qkv_bias")
     assert not (tmp_path / "out").exists()
 
@@ -254,3 +255,10 @@ def test_a_saved_mistral_sliding_window_caps_the_context_only_when_set(window, c
         (source / "config.json").write_text(json.dumps(config))
     loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
     assert loaded.config.block_size == context and loaded.meta["hf_family"] == "mistral"
+
+
+def test_a_tokenizer_json_with_a_bom_loads(tokenizer, tmp_path):
+    source = save_hf_dir(hf_model("gpt2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    (source / "tokenizer.json").write_text("\ufeff" + (source / "tokenizer.json").read_text())
+    loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
+    assert loaded.tokenizer.encode("def f3(x):").ids == tokenizer.encode("def f3(x):").ids
