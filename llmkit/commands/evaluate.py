@@ -15,6 +15,7 @@ from llmkit.data.shards import check_tokenizer, is_val_document, load_shard
 from llmkit.data.sources import iter_documents
 from llmkit.errors import UserError
 from llmkit.eval.perplexity import bytes_per_token_id, evaluate_lm
+from llmkit.train.checkpoint import write_text_atomic
 
 
 def heldout_tokens(cfg: EvaluateConfig, loaded: LoadedModel) -> tuple[np.ndarray, str]:
@@ -107,9 +108,7 @@ def write_results(results: list[dict], output: str | None) -> list[Path]:
     for path, entries in targets.items():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(entries, indent=2))
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(entries, indent=2))
         except OSError as error:
             raise UserError(f"cannot write {path} ({error.strerror}); set output=<path>") from None
     return list(targets)

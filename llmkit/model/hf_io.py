@@ -206,9 +206,8 @@ def export_hf(source: str, out: Path) -> Path:
     return out
 
 
-def _splits_as_qwen2(tokenizer) -> bool:
-    """Whether Qwen2Tokenizer (this tokenizer's vocabulary under Qwen2's normalizer and pre-tokenizer) gives the same
-    ids as `tokenizer` on a probe text of digits, contractions, accents, whitespace runs and punctuation."""
+def qwen2_splitting(tokenizer):
+    """`tokenizer`'s vocabulary under Qwen2's normalizer and pre-tokenizer: what transformers' Qwen2Tokenizer builds."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
     qwen2 = Tokenizer.from_str(tokenizer.to_str())
@@ -216,7 +215,13 @@ def _splits_as_qwen2(tokenizer) -> bool:
     qwen2.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return qwen2.encode(SPLIT_PROBE).ids == tokenizer.encode(SPLIT_PROBE).ids
+    return qwen2
+
+
+def _splits_as_qwen2(tokenizer) -> bool:
+    """Whether Qwen2Tokenizer gives the same ids as `tokenizer` on a probe text of digits, contractions, accents,
+    whitespace runs and punctuation."""
+    return qwen2_splitting(tokenizer).encode(SPLIT_PROBE).ids == tokenizer.encode(SPLIT_PROBE).ids
 
 
 def _refuse_non_empty(out: Path) -> None:

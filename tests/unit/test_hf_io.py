@@ -14,7 +14,7 @@ from llmkit.commands.common import load_trained
 from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
 from llmkit.model.hf import hf_config_dict
-from llmkit.model.hf_io import export_hf, import_hf
+from llmkit.model.hf_io import export_hf, import_hf, qwen2_splitting
 from llmkit.tokenizer.bpe import train_bpe
 from tests.unit.test_hf_parity import randomize
 
@@ -55,23 +55,10 @@ def logits(model, tokens):
     return out.logits if hasattr(out, "logits") else out
 
 
-def qwen2_style(tokenizer):
-    """The same vocabulary under Qwen2's normalizer and pre-tokenizer (what transformers' Qwen2Tokenizer builds)."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-
-    from llmkit.model.hf_io import QWEN2_SPLIT
-
-    qwen2 = Tokenizer.from_str(tokenizer.to_str())
-    qwen2.normalizer = normalizers.NFC()
-    qwen2.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
-                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return qwen2
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_import_then_export_keeps_the_logits_and_the_tokenizer(family, tokenizer, tmp_path):
     vocab = tokenizer.get_vocab_size()
-    tokenizer = qwen2_style(tokenizer) if family == "qwen2" else tokenizer
+    tokenizer = qwen2_splitting(tokenizer) if family == "qwen2" else tokenizer
     hf = hf_model(family, vocab)
     source = save_hf_dir(hf, tokenizer, tmp_path / "hf", chat_template="{{ messages[0]['content'] }}")
     tokens = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(1))
