@@ -47,9 +47,8 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
     """Compose the config, then run the command; user errors become one line and exit code 2."""
     from rich.console import Console
 
-    from llmkit.train.signals import StdoutClosed, Terminated, guard_stdout, terminate_outside_loops
+    from llmkit.train.signals import StdoutClosed, Terminated, terminate_outside_loops
 
-    guard_stdout()  # `llmkit ... | head`: a training run saves and stops; another command ends quietly
     terminate_outside_loops()  # SIGTERM/SIGHUP before or after a training loop: as Ctrl-C, with a message
     console = Console(stderr=True, highlight=False)
     try:
@@ -164,7 +163,7 @@ def main() -> None:
     """Console-script entry point."""
     from llmkit.train.signals import StdoutClosed, guard_stdout
 
-    guard_stdout()
+    guard_stdout()  # `llmkit ... | head`: a training run saves and stops; another command ends quietly
     try:
         app(prog_name="llmkit", args=sys.argv[1:])
     except StdoutClosed:  # `llmkit recipes | head -1`: the reader has what it wanted

@@ -121,8 +121,8 @@ def _refuse_to_replace(path: Path) -> None:
         return
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        ours = isinstance(earlier, list) and all(isinstance(e, dict) and {"run", "checkpoint"} <= e.keys()
-                                                 for e in earlier)
+        ours = isinstance(earlier, list) and bool(earlier) and all(  # [] is no result: evaluate writes one per run
+            isinstance(e, dict) and {"run", "checkpoint"} <= e.keys() for e in earlier)
     except (OSError, UnicodeDecodeError, ValueError):
         ours = False
     if not ours:

@@ -73,7 +73,8 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(str(conf_dir), version_base="1.3"):
-                cfg = hydra_compose(command, overrides=[f"hydra.searchpath=[{searchpath}]", *extra, *overrides])
+                cfg = hydra_compose(command, overrides=[f"hydra.searchpath=[{searchpath}]", *extra,
+                                                        *_text_as_typed(overrides, root_type)])
             _refuse_added_keys(cfg, root_type)
             typed = OmegaConf.to_object(cfg)
             _write_back_normalised(cfg, typed)
@@ -84,6 +85,43 @@ def compose(command: str, recipe: str | None, overrides: list[str]) -> tuple[Any
         finally:
             GlobalHydra.instance().clear()
     return typed, OmegaConf.to_yaml(cfg, resolve=True)  # interpolations (${...}) shown and saved as their values
+
+
+def _text_as_typed(overrides: list[str], root_type: type) -> list[str]:
+    """Overrides with the value of a string key quoted where Hydra would read a bool or a number: `prompt=true`,
+    `name=1e3` became 'True' and '1000.0' through OmegaConf, a text the user never typed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    kept = []
+    for override in overrides:
+        try:
+            parsed = parser.parse_override(override)
+        except Exception:  # Hydra reports it, with its own message, when it composes
+            kept.append(override)
+            continue
+        value = parsed.value() if not parsed.is_delete() else None
+        if isinstance(value, (bool, int, float)) and _field_type(root_type, parsed.key_or_group) is str:
+            key, _, text = override.partition("=")
+            override = f"{key}='{text.strip()}'"
+        kept.append(override)
+    return kept
+
+
+def _field_type(root_type: type, key: str) -> Any:
+    """The schema's type of a dotted key (Optional unwrapped), or None when the schema has no such scalar key."""
+    import types
+    import typing
+
+    kind: Any = root_type
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(kind) or name not in {f.name for f in dataclasses.fields(kind)}:
+            return None
+        kind = typing.get_type_hints(kind)[name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind = inner[0] if len(inner) == 1 else None
+    return kind
 
 
 def _refuse_added_keys(node: Any, root_type: type, prefix: str = "") -> None:

@@ -13,7 +13,7 @@ import textwrap
 import tokenize
 import typing
 
-KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):(?P<rest>.*)$")
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):")
 
 
 @functools.cache

@@ -111,7 +111,14 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         self.compile = str(self.compile).lower()  # True / False -> 'true' / 'false'
         _choice("train.compile", self.compile, ("auto", "true", "false"))
-        _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
+        check_resume(self.resume)
+
+
+def check_resume(resume: str) -> None:
+    """UserError for a train.resume that is neither never, auto nor a path: empty, or a yes/no (resume=true)."""
+    _check(resume.strip().lower() not in ("", "true", "false", "yes", "no", "on", "off", "1", "0"),
+           f"train.resume must be never, auto, or a checkpoint directory, got {resume!r} "
+           "(auto continues the run in out_dir, never starts a new one)")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from llmkit.config.schema import (
     RunConfig,
     SchedConfig,
     TrainConfig,
+    check_resume,
 )
 from llmkit.data.tinyworld import FAMILIES
 from llmkit.errors import UserError
@@ -264,7 +265,7 @@ class PPOTrainConfig:
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.device", self.device, DEVICES)
-        _check(self.resume != "", "train.resume must be never, auto, or a checkpoint directory")
+        check_resume(self.resume)
 
 
 @dataclass

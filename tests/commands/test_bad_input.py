@@ -151,6 +151,8 @@ CONFIG_CASES = [
     ("deleted-key", ["~train.seed"], ["cannot delete train.seed", "train.seed=..."]),
     ("deleted-group", ["~model"], ["cannot delete model", "model=..."]),
     ("unknown-interpolation", ["name=${nowhere}"], ["bad value for 'name': Interpolation key 'nowhere' not found"]),
+    ("resume-yes", ["train.resume=true"], ["train.resume must be never, auto, or a checkpoint directory",
+                                           "got 'true'", "auto continues the run"]),
 ]
 
 

@@ -55,6 +55,17 @@ def test_print_config_applies_recipe_and_overrides(cli):
     assert "name: tiny" in done.stdout
 
 
+def test_a_string_key_keeps_the_text_typed_where_hydra_would_read_a_bool_or_number():
+    generate, _ = compose("generate", None, ["prompt=true"])
+    assert generate.prompt == "true"  # OmegaConf gave 'True'
+    pretrain, text = compose("pretrain", None, ["name=1e3", "out_dir=1_000", "train.max_steps=10",
+                                                "tokenizer.path=null", "optim.lr=3e-4"])
+    assert (pretrain.name, pretrain.out_dir) == ("1e3", "1_000")  # were '1000.0' and '1000'
+    assert "name: '1e3'" in text
+    assert pretrain.train.max_steps == 10 and pretrain.optim.lr == 3e-4  # numbers stay numbers
+    assert pretrain.tokenizer.path is None  # null stays null
+
+
 def test_recipes_listing(cli):
     done = cli("recipes")
     assert done.returncode == 0
@@ -119,6 +130,17 @@ def test_evaluate_writes_each_run_its_own_results_and_never_replaces_a_run_file(
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == history
     done = cli("evaluate", "runs=[b]", "max_batches=1", "output=a/eval.json")  # an earlier result: replaced
     assert done.returncode == 0 and [e["run"] for e in json.loads((tmp_path / "a" / "eval.json").read_text())] == ["b"]
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", "[1]", '[{"x": 1}]', "", "not json"])
+def test_evaluate_output_that_is_not_an_earlier_result_is_refused(content, tmp_path):
+    from llmkit.commands.evaluate import _refuse_to_replace
+    from llmkit.errors import UserError
+
+    path = tmp_path / "list.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match="is not an earlier `llmkit evaluate` result"):
+        _refuse_to_replace(path)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
