@@ -71,12 +71,19 @@ UNSHAPED = ("name", "dropout", "init_std", "pad_vocab_multiple")
 def _refuse_other_architecture(cfg: PretrainConfig, theirs: ModelConfig) -> None:
     ours = cfg.model
     skip = (*UNSHAPED, "block_size") if ours.pos == theirs.pos == "rope" else UNSHAPED  # rope: no weights per position
-    differ = [f"{f.name} {getattr(theirs, f.name)} (config: {getattr(ours, f.name)})" for f in dataclasses.fields(ours)
-              if f.name not in skip and getattr(ours, f.name) != getattr(theirs, f.name)]
-    if differ:
+    names = [f.name for f in dataclasses.fields(ours)
+             if f.name not in skip and getattr(ours, f.name) != getattr(theirs, f.name)]
+    if names:
+        differ = ", ".join(f"{name} {getattr(theirs, name)} (config: {getattr(ours, name)})" for name in names)
+        add = " ".join(f"model.{name}={_override_text(getattr(theirs, name))}" for name in names)
         raise UserError(f"init_from={cfg.init_from} holds another model than model={ours.name} describes; the "
-                        f"checkpoint has {', '.join(differ)}: set those model.* keys (or the model= preset it was "
-                        "trained with), or drop init_from")
+                        f"checkpoint has {differ}. To train it, add: {add} (or the model= preset it was trained "
+                        "with); or drop init_from")
+
+
+def _override_text(value: object) -> str:
+    """A config value as a command-line override writes it (null, true, 1e-05)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _cached_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, runtime: Runtime) -> Path:

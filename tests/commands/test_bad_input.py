@@ -225,7 +225,8 @@ def test_init_from_another_architecture_names_the_differing_keys_before_tokenisi
     done = cli("pretrain", "tiny/pretrain", f"init_from={tiny_run}", f"model.d_model={half}", "model.n_head=1",
                "data.max_documents=300", "out_dir=run")  # another corpus: a tokenize would show
     message = assert_refused(done, f"init_from={tiny_run} holds another model",
-                             f"n_head {model['n_head']} (config: 1), d_model {d} (config: {half})", "drop init_from")
+                             f"n_head {model['n_head']} (config: 1), d_model {d} (config: {half})",
+                             f"add: model.n_head={model['n_head']} model.d_model={d} (", "drop init_from")
     assert "n_layer" not in message and "tokenized" not in done.stdout
     assert snapshot(tiny_run) == before
     assert only_setup_files(tmp_path / "run")
