@@ -71,8 +71,8 @@ class GracefulStop:
             return
         self.signum, self.received_at = signum, now
         if not self.quiet:
-            _say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-                 f"(Ctrl-C again to quit at once)\n")
+            again = "" if signum == signal.SIGHUP else " (Ctrl-C again to quit at once)"  # SIGHUP: no terminal left
+            _say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint{again}\n")
 
     def __enter__(self) -> GracefulStop:
         for signum in self.EXIT_CODES:

@@ -222,6 +222,20 @@ def test_a_repeated_signal_within_a_second_is_one_request_and_a_later_ctrl_c_exi
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize(("signame", "hint"), [("SIGTERM", True), ("SIGHUP", False)])
+def test_the_stop_message_offers_ctrl_c_only_where_a_terminal_may_be_left(signame, hint, capfd):
+    import os
+    import signal
+
+    from llmkit.train.signals import GracefulStop
+
+    with GracefulStop():
+        os.kill(os.getpid(), getattr(signal, signame))
+    said = capfd.readouterr().err
+    assert f"{signame} received: finishing this step and saving a checkpoint" in said
+    assert ("Ctrl-C again" in said) == hint
+
+
 def test_a_resume_on_other_data_is_refused_and_one_without_checksums_is_not_checked(tmp_path):
     make_trainer(tmp_path, CausalLM(), data_sha256="abc", max_steps=3).run()
     assert ckpt.read_meta(tmp_path / "checkpoints" / "step_000003")["data_sha256"] is not None
