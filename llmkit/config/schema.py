@@ -269,6 +269,9 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
         _choice("heldout", self.heldout, ("run", "data", "corpus"))
+        _check(self.heldout != "run" or self.data == CorpusConfig(),
+               "data.* is read with heldout=data (the documents it holds out) or heldout=corpus (all of them); "
+               "heldout=run scores each run's own validation split: add heldout=corpus or heldout=data")
         _check(len(self.runs) > 0, "runs must name at least one run or checkpoint")
         _check(self.perplexity or len(self.tasks) > 0, "nothing to evaluate: set perplexity=true or tasks=[...]")
         _check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")

@@ -467,6 +467,8 @@ def test_evaluate_refuses_missing_incomplete_and_too_long(cli, tiny_run, tmp_pat
     assert_refused(cli("evaluate", f"runs=[{torn}]"), str(torn), "COMPLETE", "earlier checkpoint")
     block = tiny_model(tiny_run)["block_size"]
     assert_refused(cli("evaluate", f"runs=[{tiny_run}]", f"seq_len={2 * block}"), f"seq_len={2 * block}", str(block))
+    assert_refused(cli("evaluate", f"runs=[{tiny_run}]", "data=files", "data.path=corpus.txt"),  # heldout=run ignored it
+                   "data.* is read with heldout=data", "add heldout=corpus or heldout=data")
 
 
 def test_evaluate_output_that_cannot_be_written_is_refused(cli, tiny_run, tmp_path):
