@@ -141,7 +141,12 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     bos = token_name(special.get("bos_token"))
     if bos and tokenizer.token_to_id(bos) is not None:
         meta["bos_token"] = bos
-    template = hf_directory_template(hf_dir)
+    try:
+        template = hf_directory_template(hf_dir)
+    except UserError as error:  # named templates with no default: the weights import; the template is chosen later
+        template = None
+        print(f"note: imported without a chat template: {error} (data.chat_template= to fine-tune, generate "
+              "chat_template= to chat)", file=sys.stderr)
     if template is not None:  # generate, evaluate, sft, ... then wrap prompts in it
         meta["chat_template"] = template
     return write_model_checkpoint(model, out, meta, hf_dir / "tokenizer.json")

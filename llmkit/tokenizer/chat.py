@@ -112,8 +112,12 @@ def hf_directory_template(directory: Path) -> str | None:
     if template is None:
         template = config.get("chat_template")
         if isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}]
-            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                            None)
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if template and "default" not in named:
+                raise UserError(f"{config_path} has chat templates named {', '.join(map(str, named))} but none named "
+                                "'default', the one transformers and llmkit use: give one as a .jinja file or a "
+                                "built-in name")
+            template = named.get("default")
     if not isinstance(template, str) or not template:
         return None
     bos = token_name(config.get("bos_token"))

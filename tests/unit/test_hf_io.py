@@ -16,6 +16,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.hf import hf_config_dict
 from llmkit.model.hf_io import export_hf, import_hf, qwen2_splitting
 from llmkit.tokenizer.bpe import train_bpe
+from llmkit.tokenizer.chat import resolve_template
 from tests.unit.test_hf_parity import randomize
 
 transformers = pytest.importorskip("transformers")
@@ -219,13 +220,21 @@ def test_a_llama_with_a_bos_token_prompts_as_transformers_does(tmp_path):
                                     return_dict=True)["input_ids"] == templated
 
 
-def test_a_list_of_named_chat_templates_imports_the_default_one(tokenizer, tmp_path):
+def test_a_list_of_named_chat_templates_imports_the_default_one(tokenizer, tmp_path, capsys):
     named = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": "{{ eos_token }}"}]
     source = save_hf_dir(hf_model("gpt2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
     config = json.loads((source / "tokenizer_config.json").read_text())
     (source / "tokenizer_config.json").write_text("\ufeff" + json.dumps({**config, "chat_template": named}))  # a BOM
     meta = load_trained(str(import_hf(source, tmp_path / "imported"))).meta
     assert meta["chat_template"] == "{{ eos_token }}" and "bos_token" not in meta
+    without_default = [named[0], {"name": "rag", "template": "{{ documents }}"}]  # transformers refuses to choose
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": without_default}))
+    meta = load_trained(str(import_hf(source, tmp_path / "imported-without"))).meta
+    assert "chat_template" not in meta
+    said = capsys.readouterr().err
+    assert "note: imported without a chat template" in said and "named tool_use, rag but none named 'default'" in said
+    with pytest.raises(UserError, match="named tool_use, rag but none named 'default'"):
+        resolve_template(str(source))
 
 
 @pytest.mark.parametrize(("window", "context"), [(None, 8192), (16, 16), ("absent", 4096)])
