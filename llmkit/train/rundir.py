@@ -177,22 +177,35 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
         raise UserError(f"{path} is a non-empty directory that is not an llmkit run; choose another out_dir=")
     if saved.is_file() and overwrite and not continues and run_started(path):
         _set_aside(path)
-    new = not path.exists()
+    made = _first_missing(path)  # None: the directory exists (an empty one given as out_dir, or a run's)
+    empty = path.is_dir() and not any(path.iterdir())
     try:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, resolved_yaml)
     except OSError as error:
         raise UserError(f"output directory {path} is not writable ({error.strerror}); choose another out_dir=") from None
-    if new:
-        _created.add(path.resolve())
+    if made is not None or empty:
+        _created[path.resolve()] = made.resolve() if made is not None else None
     return path, harmless
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (what mkdir(parents=True) makes), or None."""
+    missing = None
+    for part in (path, *path.parents):
+        if part.exists():
+            break
+        missing = part
+    return missing
 
 
 # Undone when the command fails before its first checkpoint (settle_run_dirs): train.overwrite sets the run it
 # replaces aside (checkpoint.replaced_run); a resume rewrites config.yaml with its harmless changes.
 _replaced: dict[Path, Path] = {}
 _earlier_configs: dict[Path, str] = {}
-_created: set[Path] = set()  # run directories this command made: removed if it fails before logging anything
+# Run directories this command made (with the outermost parent it made) or found empty (None): removed, or emptied,
+# if it fails before logging anything.
+_created: dict[Path, Path | None] = {}
 
 
 def _set_aside(path: Path) -> None:
@@ -212,7 +225,7 @@ def checkpoint_saved(run_dir: Path, command: str) -> None:
     """The loops call this after each checkpoint (main process): the run that train.overwrite replaced is deleted
     at the first one, a resumed run's new config.yaml stays, and `runs/<command>/latest` points at this run."""
     _earlier_configs.pop(run_dir.resolve(), None)
-    _created.discard(run_dir.resolve())
+    _created.pop(run_dir.resolve(), None)
     aside = _replaced.pop(run_dir.resolve(), None)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
@@ -232,12 +245,32 @@ def settle_run_dirs(succeeded: bool) -> None:
     for path, text in _earlier_configs.items():
         if not succeeded and (path / "config.yaml").is_file():
             write_text_atomic(path / "config.yaml", text)
-    for path in _created:  # a failed start (bad data, settings) leaves no directory holding only its set-up files
+    for path, made in _created.items():  # a failed start (bad data, settings) leaves none of its set-up files
         if not succeeded and path.is_dir() and not run_started(path) and path not in _replaced:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_setup(path, made)
     _replaced.clear()
     _earlier_configs.clear()
     _created.clear()
+
+
+def _remove_setup(path: Path, made: Path | None) -> None:
+    """Undo a failed start in `path`: empty it again when it was given empty, else remove it and the parents made
+    for it (runs/pretrain/ of a first run)."""
+    if made is None:
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    for parent in path.parents:
+        if not parent.is_relative_to(made):
+            break
+        try:
+            parent.rmdir()  # only while empty: another run may have appeared in runs/<command>/ meanwhile
+        except OSError:
+            break
 
 
 def _put_back(path: Path, aside: Path) -> None:

@@ -157,6 +157,27 @@ def test_a_run_that_fails_before_its_first_checkpoint_does_not_move_latest(cli, 
     assert not (tmp_path / "runs" / "pretrain" / "bad").exists()  # the failed start left no directory behind
 
 
+def test_a_failed_start_leaves_an_empty_out_dir_empty_and_no_parent_it_made(tmp_path):
+    from llmkit.train.rundir import prepare_run_dir, settle_run_dirs
+
+    given = tmp_path / "given"
+    given.mkdir()
+    path, _ = prepare_run_dir("pretrain", str(given), None, "{}", "never", False)
+    (path / "tokenizer.json").write_text("{}")
+    (path / "tensorboard").mkdir()
+    made = tmp_path / "new" / "sub" / "run"
+    (tmp_path / "new").mkdir()
+    prepare_run_dir("pretrain", str(made), None, "{}", "never", False)
+    settle_run_dirs(succeeded=False)
+    assert given.is_dir() and not any(given.iterdir())  # a config.yaml was left in it
+    assert not (tmp_path / "new" / "sub").exists() and (tmp_path / "new").is_dir()  # sub/ was left, empty
+
+    prepare_run_dir("pretrain", str(made), None, "{}", "never", False)
+    (tmp_path / "new" / "sub" / "other").mkdir()  # another run appeared beside it meanwhile: its parent stays
+    settle_run_dirs(succeeded=False)
+    assert not made.exists() and (tmp_path / "new" / "sub" / "other").is_dir()
+
+
 def test_a_peft_run_records_its_base_as_an_absolute_path_and_loads_from_anywhere(peft_run, cli, tmp_path):
     config = json.loads((peft_run / "adapter" / "adapter_config.json").read_text())
     assert Path(config["base_info"]["checkpoint"]).is_absolute()
