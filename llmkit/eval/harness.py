@@ -1,12 +1,12 @@
 """Run an evaluation task on a model: multiple-choice log-likelihood scoring and generative scoring.
 
-Choice tasks: every choice is a continuation of the prompt; its score is the sum of the log-probs of
-its tokens only (prompt and continuation are tokenised SEPARATELY and the ids concatenated, so a
-choice is scored on the same tokens whatever the prompt ends with, and trailing spaces of a plain
-prompt move to the continuation, where byte-level BPE attaches them to the next word). Requests are
-batched right-padded, so no attention mask is needed for a causal model. ``accuracy`` takes the
-highest sum; ``accuracy_norm`` divides each sum by the continuation's length in characters, which
-removes the bias towards short choices.
+Choice tasks: every choice is a continuation of the prompt (plain text: the task's target_prefix, then the
+choice, as in its shots); its score is the sum of the log-probs of its tokens only (prompt and continuation
+are tokenised SEPARATELY and the ids concatenated, so a choice is scored on the same tokens whatever the
+prompt ends with, and trailing spaces of a plain prompt move to the continuation, where byte-level BPE
+attaches them to the next word). Requests are batched right-padded, so no attention mask is needed for a
+causal model. ``accuracy`` takes the highest sum; ``accuracy_norm`` divides each sum by the choice's length
+in characters (lm-eval's acc_norm: the separator not counted), which removes the bias towards short choices.
 
 Generate tasks: batched sampling through :func:`llmkit.generate.generate` (greedy by default), the
 text cut at the first special token and the task's stop strings, then scored by the task's metrics.
@@ -93,11 +93,13 @@ class Prompter:
 
         return encode_prompt(self.tokenizer, query.messages, self.template, eos_token=self.eos_token)
 
-    def choice_requests(self, query: Query) -> tuple[list[tuple[list[int], list[int]]], list[str]]:
-        """(context ids, continuation ids) per choice, and each continuation's text."""
+    def choice_requests(self, query: Query, target_prefix: str = "") -> tuple[list[tuple[list[int], list[int]]], list[str]]:
+        """(context ids, continuation ids) per choice, and each continuation's text: in plain text the task's
+        target_prefix and the choice (as its shots show answers, and lm-eval's target_delimiter), in a chat what the
+        template renders before the answer and the answer."""
         if self.template is None:
-            pairs = [encode_pair(self.tokenizer, query.text, choice) for choice in query.choices]
-            texts = [split_boundary(query.text, choice)[1] for choice in query.choices]
+            pairs = [encode_pair(self.tokenizer, query.text, target_prefix + choice) for choice in query.choices]
+            texts = [split_boundary(query.text, target_prefix + choice)[1] for choice in query.choices]
             return [(ctx or [self.eos_id], cont) for ctx, cont in pairs], texts
         from llmkit.tokenizer.chat import render_prompt
 
@@ -169,21 +171,20 @@ def continuation_logprobs(model: torch.nn.Module, requests: Sequence[tuple[Seque
 
 def _score_choice(model, prompter: Prompter, task: TaskSpec, queries: list[Query], batch_size: int, pad_id: int,
                   device: torch.device) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    requests, spans, texts = [], [], []
+    requests, spans = [], []
     for query in queries:
-        pairs, conts = prompter.choice_requests(query)
+        pairs, _ = prompter.choice_requests(query, task.target_prefix)
         for (ctx, cont), choice in zip(pairs, query.choices):
             if not cont:
                 raise UserError(f"{query.where}: choice {choice!r} encodes to no tokens")
             _check_length(model, len(ctx) + len(cont), query, task, "the prompt with a choice")
         spans.append((len(requests), len(requests) + len(pairs)))
         requests += pairs
-        texts.append(conts)
     logprobs = continuation_logprobs(model, requests, batch_size=batch_size, pad_id=pad_id, device=device)
     raw, norm, samples = [], [], []
-    for query, (a, b), conts in zip(queries, spans, texts):
+    for query, (a, b) in zip(queries, spans):
         lp = np.asarray(logprobs[a:b])
-        per_char = lp / np.asarray([max(len(t), 1) for t in conts])
+        per_char = lp / np.asarray([max(len(c), 1) for c in query.choices])  # lm-eval's acc_norm: the choice's length
         pick, pick_norm = int(lp.argmax()), int(per_char.argmax())
         raw.append(float(pick == query.answer_index))
         norm.append(float(pick_norm == query.answer_index))

@@ -240,6 +240,27 @@ def test_raw_and_length_normalised_accuracy_differ(tmp_path, chars):
     assert (result.metrics["accuracy"].value, result.metrics["accuracy_norm"].value) == (0.0, 1.0)
 
 
+def test_a_plain_choice_follows_the_target_prefix_and_is_normalised_by_its_own_length(tmp_path, chars):
+    """The continuation is target_prefix + choice, as the shots show answers (it was the bare choice: 'Answer:Paris');
+    accuracy_norm divides by the choice's length (lm-eval), not the prefix's too."""
+    # per token: ' ' e^-4, 'x' e^-0.5, 'y' e^-2. ' x' sums to -4.5, ' yyy' to -10: raw picks x; per character of
+    # the choice -4.5 vs -3.33 picks yyy; per character of ' x' / ' yyy' it would be -2.25 vs -2.5: x
+    V = chars.get_vocab_size()
+    ids = [chars.token_to_id(t) for t in ("Ġ", "x", "y")]
+    wanted = torch.tensor([-4.0, -0.5, -2.0])
+    probs = torch.full((V,), (1 - wanted.exp().sum().item()) / (V - 3))
+    probs[ids] = wanted.exp()
+    path = choice_task(tmp_path, [("q", ["x", "yyy"], 1)], extra='target_prefix: " "')
+    text = path.read_text().replace('target_prefix: ""\n', "")
+    path.write_text(text)
+    result = run_task(FixedLM(probs.log()), chars, load_task(path), eos_id=EOS, pad_id=PAD)
+    assert result.samples[0]["logprobs"] == pytest.approx([-4.5, -10.0], abs=1e-3)
+    assert (result.metrics["accuracy"].value, result.metrics["accuracy_norm"].value) == (0.0, 1.0)
+    query = build_queries(load_task(path, {"num_fewshot": 1}))[0]
+    assert query.text.startswith(("d? d", "e? e")) and query.text.endswith("q?")  # the shot's answer after the prefix
+    assert Prompter(chars, EOS, None).choice_requests(query, " ")[1] == [" x", " yyy"]
+
+
 def test_chat_choice_continuation_follows_the_template(bpe):
     query = build_queries(load_task("tinyworld_choice", {"source.n": 1}))[0]
     for template, prefix in (("chatml", ""), ("simple", " ")):
