@@ -78,7 +78,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # per process and forward pass; the rest is gradient accumulation
     seq_len: int | None = None  # None: the model's context (model.block_size)
     eval_every: int = 100  # steps between validation losses
-    eval_batches: int = 20  # validation micro-batches per evaluation
+    eval_batches: int = 5  # validation batches of train.batch_size examples per evaluation (the same each time)
     save_every: int = 200  # steps between checkpoints
     keep_last: int = 2  # checkpoints kept besides the best one
     resume: str = "never"  # never | auto | a checkpoint directory

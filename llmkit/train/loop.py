@@ -175,6 +175,7 @@ class Trainer:
                                      resume_step=self.state.step if resumed else None)
         self.progress = TrainProgress(cfg.max_steps, self.state.step, runtime.is_main, logger.progress, spec.command)
         self.last_val: float | None = None
+        self.applied_lr = self.scheduler.get_last_lr()[0]  # the learning rate of the latest step
         # Host-device syncs only at read points: steps wait in `pending`; the non-finite guard skips bad
         # updates on the device (fused AdamW's found_inf) and the host replays its decisions when it reads.
         self.pending: list[StepValues] = []
@@ -255,7 +256,7 @@ class Trainer:
             return None
         count = val.num_examples(0)
         micro = self.cfg.micro_batch_size
-        wanted = min(count, self.cfg.eval_batches * micro)
+        wanted = min(count, self.cfg.eval_batches * self.cfg.batch_size)  # not * micro: the same set for every micro
         picks = np.linspace(0, count - 1, wanted).round().astype(int).tolist() if wanted < count else list(range(count))
         every = [picks[i:i + micro] for i in range(0, len(picks), micro)]
         chunks = every[self.runtime.rank::self.runtime.world_size]
@@ -317,7 +318,7 @@ class Trainer:
                     if is_log:
                         now = time.perf_counter()
                         elapsed = max(now - window_start, 1e-9)
-                        stats = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed}
+                        stats = {"loss": loss, "lr": self.applied_lr, "tokens_per_s": window_tokens / elapsed}
                         if peak:
                             stats["mfu"] = window_flops / elapsed / peak
                         record = {**stats, "grad_norm": grad_norm, **metrics}
@@ -394,6 +395,7 @@ class Trainer:
             self._read()
             if not bool(bad):  # (a DeepSpeed engine has already skipped a non-finite update)
                 runtime.step(self.optimizer)
+        self.applied_lr = self.scheduler.get_last_lr()[0]  # this step's rate: the one logged for it
         self.scheduler.step()
         runtime.zero_grad(self.optimizer)
         tokens, flops = batch_work(cpu_batches, spec.flops_per_token)

@@ -87,7 +87,7 @@ def test_pair_objectives_sharded_match_one_process(command, launch, cache_dir, c
     """Reward (under FSDP) and DPO (under ZeRO-3): held-out accuracy is still collected (a DeepSpeed engine's own
     `training` flag never changes) and the padding forwards of a sharded evaluation add no pairs."""
     args = [command, f"tiny/{command}", f"init_from={tiny_sft}", "train.max_steps=8", "train.eval_every=8",
-            "train.eval_batches=15", "logger.tensorboard=false"]  # 15 batches: the second process pads one
+            "data.tinyworld_validation=120", "logger.tensorboard=false"]  # 15 micro-batches: the second process pads one
     assert cli(*args, f"out_dir={tmp_path / 'one'}").returncode == 0
     if launch == "fsdp":
         done = accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *args, f"out_dir={tmp_path / 'sharded'}")

@@ -122,6 +122,26 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_settings_error():
     with pytest.raises(SettingsError, match=r"train.batch_size=6 must split evenly into processes \(2\)"):
         Trainer(None, cfg, OptimConfig(), SchedConfig(), LoggerConfig(), two_processes)
 
+def test_the_validation_set_does_not_depend_on_the_micro_batch_size(tmp_path):
+    """eval_batches counts batches of train.batch_size: halving micro_batch_size to fit memory leaves val_loss as it
+    was (it counted micro-batches, so the validation set shrank with it)."""
+    losses = [make_trainer(tmp_path / str(micro), CausalLM(), micro_batch_size=micro, eval_batches=3).evaluate()
+              for micro in (4, 2, 1)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
+    assert make_trainer(tmp_path / "more", CausalLM(), eval_batches=6).evaluate() != pytest.approx(losses[0], abs=1e-4)
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """Step s updates with lr_factor(s - 1) (0-based); the log showed the next step's rate (twice step 1's here)."""
+    seen = []
+    trainer = make_trainer(tmp_path, CausalLM())
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, *_: seen.append(optimizer.param_groups[0]["lr"]))
+    trainer.run()
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(seen, rel=1e-3) and len(seen) == 6  # the log keeps 4 significant digits
+    assert logged == pytest.approx([1e-2 * lr_factor(s - 1, 6, SchedConfig(warmup_steps=0)) for s in range(1, 7)], rel=1e-3)
+
+
 def test_nonfinite_loss_stops_with_parameters_untouched(tmp_path):
     trainer = make_trainer(tmp_path, PoisonAt({5}))
     before = {}
