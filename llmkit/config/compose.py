@@ -225,6 +225,14 @@ def schema_keys(root: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, root_type: type, where: str = "") -> str:
+    if key.split(".")[0] == "launcher":  # a command that runs in one process
+        from llmkit.config.schema import ROOTS
+
+        command = next((name for name, root in ROOTS.items() if root is root_type), "this command")
+        several = ", ".join(name for name, root in ROOTS.items() if any(f.name == "launcher" for f in
+                                                                           dataclasses.fields(root)))
+        return (f"unknown config key '{key}'{where}: `llmkit {command}` runs in one process (launcher.num_processes "
+                f"is for {several})")
     keys = schema_keys(root_type)
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     head, _, rest = key.partition(".")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from llmkit.config.schema import (
     DEVICES,
     ROOTS,
+    LauncherConfig,
     LoggerConfig,
     OptimConfig,
     RunConfig,
@@ -272,6 +273,7 @@ class PPOTrainConfig:
 class RewardConfig(RunConfig):
     """`llmkit reward`: a scalar head on an SFT trunk, trained on preference pairs (Bradley-Terry)."""
 
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     init_from: str = "runs/sft/latest"  # the SFT run or checkpoint the reward model starts from
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
@@ -285,6 +287,7 @@ class RewardConfig(RunConfig):
 class DPOConfig(RunConfig):
     """`llmkit dpo`: align an SFT policy directly on preference pairs against a frozen copy of itself."""
 
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # the SFT run or checkpoint: the policy's start and the frozen reference
     init_from: str = "runs/sft/latest"
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)

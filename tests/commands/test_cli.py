@@ -66,6 +66,15 @@ def test_a_string_key_keeps_the_text_typed_where_hydra_would_read_a_bool_or_numb
     assert pretrain.tokenizer.path is None  # null stays null
 
 
+@pytest.mark.parametrize("command", ["evaluate", "ppo", "generate"])
+def test_the_launcher_on_a_one_process_command_says_which_commands_take_it(command):
+    from llmkit.errors import UserError
+
+    with pytest.raises(UserError, match=rf"`llmkit {command}` runs in one process \(launcher.num_processes is for "
+                                        r"pretrain, sft, peft, reward, dpo\)"):
+        compose(command, None, ["launcher.num_processes=2"])
+
+
 def test_recipes_listing(cli):
     done = cli("recipes")
     assert done.returncode == 0

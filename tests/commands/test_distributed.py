@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -169,3 +170,21 @@ def test_a_deepspeed_launch_llmkit_cannot_run_gives_one_clear_message(cli, cache
     else:
         assert "gradient_clipping: 1.0" in done.stderr and "optim.grad_clip" in done.stderr
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_pair_objective_on_two_processes_through_the_launcher_matches_one(cli, tiny_sft, tmp_path):
+    """`llmkit reward launcher.num_processes=2`: the same losses, held-out accuracy and weights as one process."""
+    args = ["reward", "tiny/reward", f"init_from={tiny_sft}", "train.max_steps=4", "train.eval_every=4",
+            "train.log_every=1", "logger.tensorboard=false"]
+    for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["launcher.num_processes=2"])):
+        done = cli(*args, f"out_dir={out}", *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("one", "two"))
+    for key in ("loss", "grad_norm", "accuracy"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    for key in ("val_loss", "val_accuracy"):
+        assert two[-1][key] == pytest.approx(one[-1][key], abs=1e-5), key
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
