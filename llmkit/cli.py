@@ -71,7 +71,7 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
 
 def _run(command: str, args: list[str], print_config: bool) -> int:
     from llmkit.config.compose import compose, schema_for
-    from llmkit.errors import UserError
+    from llmkit.errors import SettingsError, UserError
 
     try:
         schema_for(command)
@@ -101,6 +101,8 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         typer.echo(annotated_yaml(resolved_yaml, schema_for(command)), nl=False)
         return 0
     launcher = getattr(cfg, "launcher", None)
+    if launcher is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would do the whole job
+        raise SettingsError(f"`llmkit {command}` runs in one process; start it without accelerate launch / torchrun")
     if launcher is not None and launcher.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(command, args, launcher.num_processes)
     module = importlib.import_module(f"llmkit.commands.{command}")  # torch loads here, after validation

@@ -31,8 +31,6 @@ def value_trunk(path: str | None, base) -> torch.nn.Module | None:
 
 def run(cfg: PPOConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("ppo", cfg, resolved_yaml)
-    if runtime.world_size > 1:
-        raise UserError("`llmkit ppo` runs in a single process; start it without accelerate launch / torchrun")
     base = load_sft_base(cfg, "ppo", run_dir)
     tokenizer, meta, block = base.tokenizer, base.meta, base.model.cfg.block_size
     if cfg.rollout.max_new_tokens >= block:

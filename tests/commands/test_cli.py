@@ -66,6 +66,17 @@ def test_a_string_key_keeps_the_text_typed_where_hydra_would_read_a_bool_or_numb
     assert pretrain.tokenizer.path is None  # null stays null
 
 
+@pytest.mark.parametrize("command", ["evaluate", "ppo", "generate", "tokenize"])
+def test_a_one_process_command_under_a_launch_is_refused_before_it_runs(command, monkeypatch):
+    """Under torchrun each process repeated the whole job (tokenize's processes raced on one directory)."""
+    from llmkit import cli
+    from llmkit.errors import SettingsError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SettingsError, match=rf"`llmkit {command}` runs in one process; start it without accelerate"):
+        cli._run(command, [], False)
+
+
 @pytest.mark.parametrize("command", ["evaluate", "ppo", "generate"])
 def test_the_launcher_on_a_one_process_command_says_which_commands_take_it(command):
     from llmkit.errors import UserError
