@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -49,15 +50,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
-    """(changes that forbid an exact resume, harmless changes), each as 'key: old -> new'."""
+def config_changes(old_yaml: str, new_yaml: str, command: str | None = None) -> tuple[list[str], list[str]]:
+    """(changes that forbid an exact resume, harmless changes), each as 'key: old -> new'. With `command`, a key
+    that a later llmkit added to its schema, set to its default, is harmless: the run used what that default means."""
     from omegaconf import OmegaConf
 
     old = flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))
     new = flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
+    defaults = _schema_defaults(command) if command else {}
     blocking, harmless = [], []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
+        if key not in old and key in defaults and new[key] == defaults[key]:
+            harmless.append(f"{key}: (not in the run's config) -> {new[key]!r} (added to llmkit since; its default)")
+        elif old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             if key == "train.max_steps" and new.get("sched.name") not in (None, "constant"):
                 line += (f" (the {new['sched.name']} learning-rate schedule now ends at step {new[key]}: the "
@@ -67,6 +72,12 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
             else:
                 (harmless if key.startswith(RESUMABLE_CHANGES) else blocking).append(line)
     return blocking, harmless
+
+
+def _schema_defaults(command: str) -> dict[str, Any]:
+    from llmkit.config.schema import ROOTS
+
+    return flatten(dataclasses.asdict(ROOTS[command]()))
 
 
 def _same_checkpoint(old: Any, new: Any) -> bool:
@@ -79,10 +90,10 @@ def _same_checkpoint(old: Any, new: Any) -> bool:
         return False
 
 
-def _resumable_changes(run: Path, resolved_yaml: str, resumed: Path) -> list[str]:
+def _resumable_changes(run: Path, resolved_yaml: str, resumed: Path, command: str) -> list[str]:
     """The harmless differences between `run`'s config.yaml and this run's config; UserError (naming `resumed`,
     the run or checkpoint being resumed) if any other differs."""
-    blocking, harmless = config_changes((run / "config.yaml").read_text(), resolved_yaml)
+    blocking, harmless = config_changes((run / "config.yaml").read_text(), resolved_yaml, command)
     if blocking:
         raise UserError(f"cannot resume {resumed}: these settings differ from the saved run and would change "
                         f"its results: {'; '.join(blocking)}. Use the original values, or start a new run "
@@ -102,7 +113,7 @@ def check_resume_source(command: str, resume: str, resolved_yaml: str) -> list[s
     run = checkpoint.parent.parent
     if checkpoint.parent.name != "checkpoints" or not (run / "config.yaml").is_file():
         return []  # a checkpoint copied out of its run: its command is all there is to check
-    return _resumable_changes(run, resolved_yaml, checkpoint)
+    return _resumable_changes(run, resolved_yaml, checkpoint, command)
 
 
 # What a run writes before its first training step; a directory holding nothing else stopped before training.
@@ -166,7 +177,7 @@ def prepare_run_dir(command: str, out_dir: str | None, name: str | None, resolve
     if saved.is_file() and not started:
         pass  # a run that failed before training (bad data, bad settings): nothing to keep, start it afresh
     elif saved.is_file() and continues:
-        harmless = sorted(set(harmless) | set(_resumable_changes(path, resolved_yaml, path)))
+        harmless = sorted(set(harmless) | set(_resumable_changes(path, resolved_yaml, path, command)))
         _earlier_configs[path.resolve()] = saved.read_text()
     elif saved.is_file() and not overwrite:
         raise UserError(f"{path} already holds a run; pass train.resume=auto to continue it, "

@@ -242,6 +242,15 @@ def test_what_a_resume_may_change_and_what_it_may_not():
                             "learning rate changes from the resumed step on)")
     blocking, _ = config_changes(old, "train:\n  max_steps: 30\n  seed: 1\nmerge: false\n")
     assert blocking == ["train.seed: 0 -> 1"]
+    # a run from before a key was added (reward's launcher, the model's qkv_bias) resumes at the key's default only
+    before = "train:\n  seed: 0\nmodel:\n  bias: true\n"
+    added = "train:\n  seed: 0\nmodel:\n  bias: true\n  qkv_bias: {}\nlauncher:\n  num_processes: {}\n"
+    blocking, harmless = config_changes(before, added.format("null", 1), "pretrain")
+    assert blocking == [] and harmless == [
+        "launcher.num_processes: (not in the run's config) -> 1 (added to llmkit since; its default)",
+        "model.qkv_bias: (not in the run's config) -> None (added to llmkit since; its default)"]
+    blocking, _ = config_changes(before, added.format("false", 2), "pretrain")
+    assert blocking == ["launcher.num_processes: None -> 2", "model.qkv_bias: None -> False"]
 
 
 def test_init_from_respelled_as_the_same_checkpoint_is_harmless_on_resume(tiny_run, tmp_path, monkeypatch):
