@@ -225,7 +225,7 @@ def schema_keys(root: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, root_type: type, where: str = "") -> str:
-    if key.split(".")[0] == "launcher":  # a command that runs in one process
+    if key.split(".")[0] == "launcher" and "launcher" not in {f.name for f in dataclasses.fields(root_type)}:
         from llmkit.config.schema import ROOTS
 
         command = next((name for name, root in ROOTS.items() if root is root_type), "this command")

@@ -84,6 +84,8 @@ def test_the_launcher_on_a_one_process_command_says_which_commands_take_it(comma
     with pytest.raises(UserError, match=rf"`llmkit {command}` runs in one process \(launcher.num_processes is for "
                                         r"pretrain, sft, peft, reward, dpo\)"):
         compose(command, None, ["launcher.num_processes=2"])
+    with pytest.raises(UserError, match=r"unknown config key 'launcher.num_process'; did you mean launcher.num_processes"):
+        compose("reward", None, ["launcher.num_process=2"])  # a typo where the launcher exists
 
 
 def test_recipes_listing(cli):
