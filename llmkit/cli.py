@@ -132,12 +132,25 @@ def _report(error: Exception, console) -> int:
         if rank == "0" or not error.same_on_every_process:  # a later one may be this process's alone
             console.print(f"{where}error: {error}", style="red", markup=False, soft_wrap=True)
         return error.exit_code
+    if _lost_peer(error):  # the process that ended first (or the launcher, for a killed one) says why
+        if rank == "0":
+            console.print("error: another process of this launch ended first (its message, or the launcher's, says why)",
+                          style="red", markup=False, soft_wrap=True)
+        return 1
     if isinstance(error, MemoryError):
         console.print(f"{where}error: out of memory; lower train.micro_batch_size or the model size", style="red", markup=False, soft_wrap=True)
         return 1
     console.print(f"{where}internal error: {type(error).__name__}: {error} (set LLMKIT_DEBUG=1 for the traceback)",
                   style="red", markup=False, soft_wrap=True)
     return 1
+
+
+def _lost_peer(error: Exception) -> bool:
+    """A collective or the rendezvous store failed because another process of the launch has gone."""
+    names = {kind.__name__ for kind in type(error).__mro__}
+    text = str(error)
+    return bool(names & {"DistNetworkError", "DistStoreError"}) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def _make_command(name: str, description: str):

@@ -51,20 +51,32 @@ def run_local(argv: list[str], num_processes: int) -> int:
 
 
 def _wait(workers: list[subprocess.Popen]) -> int:
-    """Wait for every worker; if one fails (not a graceful stop), stop the rest."""
+    """Wait for every worker; if one fails (not a graceful stop), stop the rest. A worker killed by a signal
+    (the OOM killer's SIGKILL) cannot say why it ended, so this process does."""
     failed_at: float | None = None
-    while any(w.poll() is None for w in workers):
-        codes = [w.returncode for w in workers if w.returncode is not None]
-        if failed_at is None and any(code not in GRACEFUL_CODES for code in codes):
+    first_failure: tuple[int, int] | None = None  # (rank, exit code) of the worker that failed first
+    while True:
+        codes = [w.poll() for w in workers]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, *GRACEFUL_CODES)]
+        if failed_at is None and failed:
+            first_failure = min(failed, key=lambda failure: failure[1] >= 0)  # a killed one caused the others
             failed_at = time.monotonic()
             for worker in workers:
                 if worker.poll() is None:
                     worker.terminate()
+        if all(code is not None for code in codes):
+            break
         if failed_at is not None and time.monotonic() - failed_at > STOP_GRACE_S:
             for worker in workers:
                 if worker.poll() is None:
                     worker.kill()
         time.sleep(0.05)
-    codes = [w.returncode for w in workers]
-    failures = [c for c in codes if c not in GRACEFUL_CODES]
-    return failures[0] if failures else codes[0]
+    if first_failure is None:
+        return codes[0]
+    rank, code = first_failure
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else ""
+        print(f"error: process {rank} was killed by {name}{hint}; the others were stopped", file=sys.stderr)
+        return 128 - code
+    return code

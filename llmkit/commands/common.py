@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,8 @@ def start_run(command: str, cfg: Any, resolved_yaml: str) -> tuple[Runtime, Path
     runtime = setup_runtime(cfg.train.device, cfg.train.precision)
     run_dir, harmless = prepare_run_dir(command, cfg.out_dir, cfg.name, resolved_yaml, cfg.train.resume,
                                         cfg.train.overwrite, runtime.is_main)
-    if runtime.world_size > 1:  # every process uses the main process's directory (its timestamp, its checks)
-        from accelerate.utils import broadcast_object_list
-
-        run_dir = Path(broadcast_object_list([str(run_dir) if runtime.is_main else ""])[0])
+    if runtime.world_size > 1:
+        run_dir = _main_run_dir(runtime, run_dir)
     resumed = ckpt.resume_checkpoint(cfg.train.resume, run_dir / "checkpoints")
     if resumed is not None:  # before the changes are reported as allowed
         ckpt.refuse_past_the_end(resumed, cfg.train.max_steps, "iteration" if command == "ppo" else "step")
@@ -35,6 +34,40 @@ def start_run(command: str, cfg: Any, resolved_yaml: str) -> tuple[Runtime, Path
     if harmless and runtime.is_main:
         print(f"resuming with changed settings: {'; '.join(harmless)}")
     return runtime, run_dir
+
+
+SHARED_CHECK = ".llmkit-shared-check"
+
+
+def _main_run_dir(runtime: Runtime, run_dir: Path) -> Path:
+    """The main process's run directory (its timestamp, its checks), which every process must see: all of them
+    write their part of each checkpoint there and resume from it. On several nodes that needs a filesystem they
+    share; without one a run would train, then fail at its first checkpoint (or resume on some nodes only)."""
+    import socket
+
+    from accelerate.utils import broadcast_object_list
+
+    from llmkit.errors import SettingsError
+
+    token = secrets.token_hex(8) if runtime.is_main else ""
+    if runtime.is_main:
+        (run_dir / SHARED_CHECK).write_text(token)
+    shared = broadcast_object_list([str(run_dir), token] if runtime.is_main else ["", ""])
+    run_dir, token = Path(shared[0]), shared[1]
+    try:
+        seen = (run_dir / SHARED_CHECK).read_text() == token
+    except OSError:
+        seen = False
+    views = runtime.gather((seen, socket.gethostname()))
+    if runtime.is_main:
+        (run_dir / SHARED_CHECK).unlink(missing_ok=True)
+    blind = [f"{rank} (host {host})" for rank, (saw, host) in enumerate(views) if not saw]
+    if blind:
+        raise SettingsError(f"process(es) {', '.join(blind)} cannot see the run directory {run_dir.resolve()} that "
+                            f"process 0 (host {views[0][1]}) made: every process writes its part of each checkpoint "
+                            "there. On several nodes give out_dir= a path on a filesystem all nodes share, the same "
+                            "path on each (start every node from the same directory, or give an absolute out_dir=)")
+    return run_dir
 
 
 def seed_everything(seed: int) -> None:

@@ -87,12 +87,16 @@ def _override_text(value: object) -> str:
 
 
 def _cached_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, runtime: Runtime) -> Path:
-    """Tokenise the configured corpus once (main process) and share the cached shards."""
+    """Tokenise the configured corpus once (main process) and share the cached shards; a node whose LLMKIT_CACHE
+    is not the main's makes its own copy (one process per node), which the trainer checks is the same data."""
     path = None
     if runtime.is_main:
         path, stats = prepare_tokens(corpus, tok_cfg)
         if stats is not None:
             print(f"tokenized the corpus: {describe(stats)}")
+    runtime.barrier()
+    if path is None and runtime.is_local_main:
+        path, _ = prepare_tokens(corpus, tok_cfg)  # at once where the cache is shared
     runtime.barrier()
     if path is None:
         path, _ = prepare_tokens(corpus, tok_cfg)  # cached by now

@@ -162,6 +162,7 @@ class Trainer:
         self.ckpt_root = spec.run_dir / "checkpoints"
         source = ckpt.resume_checkpoint(cfg.resume, self.ckpt_root)
         self.data_sha256 = data_fingerprint(spec.train_set, spec.val_set)
+        runtime.check_same_start(source, self.data_sha256)
         if source is not None:  # weights go into the whole model, before any sharding
             ckpt.refuse_other_data(source, self.data_sha256)
             self._load_weights(source)

@@ -88,6 +88,41 @@ class Runtime:
         dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(votes.item())
 
+    def gather(self, value: Any) -> list[Any]:
+        """A picklable value from every process, in rank order, on every process ([value] on one process)."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.host_group)
+        return values
+
+    def check_same_start(self, checkpoint: Path | None, data_sha256: str | None) -> None:
+        """Refuse a launch whose processes would resume from different checkpoints or train on different data
+        (on several nodes: a run directory, data files or LLMKIT_CACHE that differ from node to node)."""
+        if self.world_size == 1:
+            return
+        from llmkit.errors import SettingsError
+
+        views = self.gather((str(checkpoint), data_sha256))
+        others = [rank for rank, view in enumerate(views) if view != views[0]]
+        if not others:
+            return
+        where = f"process(es) {', '.join(map(str, others))} and process 0"
+        if any(view[0] != views[0][0] for view in views):
+            raise SettingsError(f"{where} would resume from different checkpoints ({views[0][0]} on process 0): "
+                                "the run directory must be one directory that every process sees, on a filesystem "
+                                "all nodes share")
+        raise SettingsError(f"{where} read different training or validation data: every node needs the same data "
+                            "files (and tokenized shards: LLMKIT_CACHE or tokens_dir=), e.g. on a filesystem all "
+                            "nodes share")
+
+    @property
+    def is_local_main(self) -> bool:
+        """The first process on this node (each node of a multi-node launch has one)."""
+        return self.accelerator.is_local_main_process
+
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
         """Skip the gradient all-reduce (FSDP: reduce-scatter) on accumulation micro-steps before the last

@@ -188,3 +188,65 @@ def test_a_pair_objective_on_two_processes_through_the_launcher_matches_one(cli,
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def two_nodes(cache_dir: Path, args: list[str], cwds: tuple[Path, Path], caches: tuple[Path, Path]
+              ) -> list[subprocess.CompletedProcess]:
+    """What a user runs on each of two nodes (`torchrun --nnodes 2 --node_rank i ...`), here both on this machine:
+    a node's working directory and LLMKIT_CACHE are its own, as on machines that share no filesystem."""
+    from llmkit.launcher import _free_port
+
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--rdzv_backend", "static", "--master_addr", "127.0.0.1",
+                               "--master_port", port, "-m", "llmkit", *args], cwd=cwds[rank],
+                              env={**cli_env(cache_dir), "LLMKIT_CACHE": str(caches[rank])},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, *out) for proc, out in zip(procs, outs)]
+
+
+def test_two_nodes_refuse_a_run_directory_or_data_they_do_not_share_and_train_when_they_do(cli, cache_dir, tmp_path):
+    """Without a shared run directory a two-node run trained, then crashed at its first checkpoint ("Parent
+    directory ... does not exist"), and each node read its own corpus file unchecked. Now: one message before
+    training, nothing left behind; a node with its own LLMKIT_CACHE tokenizes its own copy and the run is the
+    one-process run."""
+    args = ["pretrain", "tiny/pretrain", "train.max_steps=4", "train.log_every=1", "logger.tensorboard=false",
+            "data.source=files", "data.path=corpus.txt", "data.max_documents=null"]
+    nodes, caches = (tmp_path / "node0", tmp_path / "node1"), (tmp_path / "cache0", tmp_path / "cache1")
+    text = "\n\n".join(f"Document {i}: the {i % 7} quick foxes jump over {i % 5} lazy dogs." for i in range(120))
+    for node in nodes:
+        node.mkdir()
+        (node / "corpus.txt").write_text(text)
+    done = two_nodes(cache_dir, [*args, "out_dir=runs/a"], nodes, caches)  # relative: a directory per node
+    assert all(d.returncode == 1 and "exitcode  : 2 " in d.stderr for d in done), done[0].stderr + done[1].stderr
+    assert "process(es) 1 (host" in done[0].stderr and "cannot see the run directory" in done[0].stderr
+    assert "process 1:" not in done[1].stderr and "internal error" not in done[0].stderr + done[1].stderr
+    assert not (nodes[0] / "runs").exists() and not (nodes[1] / "runs").exists()
+    (nodes[1] / "corpus.txt").write_text(text.replace("foxes", "cats"))
+    done = two_nodes(cache_dir, [*args, f"out_dir={tmp_path / 'shared'}"], nodes, caches)
+    assert all(d.returncode == 1 and "exitcode  : 2 " in d.stderr for d in done)  # torchrun's 1: a worker's 2
+    assert "process(es) 1 and process 0 read different training or validation data" in done[0].stderr
+    assert not (tmp_path / "shared").exists()
+    (nodes[1] / "corpus.txt").write_text(text)
+    done = two_nodes(cache_dir, [*args, f"out_dir={tmp_path / 'shared'}"], nodes, caches)
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr + done[1].stderr
+    assert any((caches[1] / "tokens").iterdir())  # node 1 tokenized its own copy
+    one = cli(*args, f"out_dir={tmp_path / 'one'}", cwd=nodes[0])
+    assert one.returncode == 0, one.stderr
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "shared")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+def test_an_error_of_the_main_process_alone_is_one_message(cli, tmp_path):
+    """The main process refuses the corpus while the other waits for it: that one's lost connection used to add
+    "process 1: internal error: RuntimeError: ... Connection closed by peer" under the real message."""
+    (tmp_path / "one.txt").write_text("a single document\n")
+    done = cli("pretrain", "tiny/pretrain", "data.source=files", "data.path=one.txt", "launcher.num_processes=2",
+               f"out_dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: the corpus has 1 document(s); at least 2 are needed to hold one "
+                                                "out for validation: add text (.txt documents are separated by blank "
+                                                "lines)"]
+    assert not (tmp_path / "run").exists()
