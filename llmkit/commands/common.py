@@ -220,12 +220,13 @@ def _load_adapter_dir(directory: Path, device) -> LoadedModel:
     from llmkit.peft.apply import ADAPTER_FILE, read_adapter_config
 
     config = read_adapter_config(directory)
-    base_path = (config.get("base_info") or {}).get("checkpoint")
+    info = config.get("base_info") or {}
+    base_path = info.get("checkpoint")
     loaded = _adapter_base(base_path, directory)
     _attach_adapter(loaded.model, directory, config, ckpt.read_tensors(directory / ADAPTER_FILE), loaded.tokenizer)
-    meta = {**loaded.meta, "kind": "adapter", "base": base_path}
-    if (config.get("base_info") or {}).get("chat_template"):  # the template the adapter was tuned with
-        meta["chat_template"] = config["base_info"]["chat_template"]
+    meta = {**loaded.meta, "kind": "adapter", "base": base_path, "step": info.get("step")}  # the adapter's steps
+    if info.get("chat_template"):  # the template the adapter was tuned with
+        meta["chat_template"] = info["chat_template"]
     return LoadedModel(loaded.model.to(device).eval(), loaded.tokenizer, meta, directory)
 
 

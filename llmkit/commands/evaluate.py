@@ -141,6 +141,6 @@ def _perplexity_table(results: list[dict]) -> Table:
         table.add_column(column, justify="left" if column in ("run", "heldout") else "right")
     for r in results:
         p = r["perplexity"]
-        table.add_row(r["run"], str(r["step"]), p["heldout"], str(p["tokens"]), f"{p['loss']:.4f}",
+        table.add_row(r["run"], "-" if r["step"] is None else str(r["step"]), p["heldout"], str(p["tokens"]), f"{p['loss']:.4f}",
                       f"{p['perplexity']:.2f}", f"{p['bits_per_byte']:.4f}")
     return table

@@ -63,7 +63,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
     if runtime.is_main:
-        save_adapter(model, cfg.peft, run_dir / "adapter", base_info)
+        save_adapter(model, cfg.peft, run_dir / "adapter", {**base_info, "step": result.step})
         if cfg.merge:
             merged = write_model_checkpoint(merge_adapter(model), run_dir / "merged", {**spec.meta, "kind": "full",
                                                                                         "step": result.step},

@@ -201,6 +201,9 @@ class PeftRunConfig(SFTConfig):
         _check(not self.merge or self.peft.method in MERGEABLE,
                f"merge=true: peft={self.peft.method} cannot be merged into plain weights (only {', '.join(MERGEABLE)}); "
                "drop merge=true: generate and evaluate load the base with its adapter")
+        _check(not (self.merge and self.peft.method == "bitfit" and "lm_head" in self.peft.targets),
+               "merge=true: BitFit on lm_head trains an output bias that a plain model has no place for; drop "
+               "lm_head from peft.targets, or drop merge=true (generate and evaluate load the base with its adapter)")
 
 
 @dataclass

@@ -94,12 +94,14 @@ def add_ia3(module: nn.Linear, on_input: bool) -> None:
 
 @torch.no_grad()
 def merged_hooked_linear(module: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The plain (weight, bias) equivalent to `weight`/`bias` with the module's IA3 and BitFit hooks."""
+    """The plain (weight, bias) equivalent to `weight`/`bias` with the module's IA3 and BitFit hooks. An lm_head's
+    `weight` comes without its padded vocabulary rows (the state dict's): its output scale is cut to match."""
     if hasattr(module, "ia3_scale"):
         scale = module.ia3_scale
         if module.ia3_on_input:
             weight = weight * scale[None, :]  # x*s @ W^T = x @ (W diag(s))^T; the bias is untouched
         else:
+            scale = scale[:weight.shape[0]]
             weight = weight * scale[:, None]
             bias = bias * scale if bias is not None else None
     if hasattr(module, "bias_delta"):

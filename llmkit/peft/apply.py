@@ -261,6 +261,9 @@ def merge_adapter(model: Transformer) -> Transformer:
     Its config is the base's, except bias=True when BitFit added biases (the other layers get zero
     biases) and tie_embeddings=False when an adapted lm_head no longer equals tok_emb."""
     merged_sd = merged_state_dict(model)
+    if "lm_head.bias" in merged_sd:
+        raise UserError("BitFit on lm_head trained an output bias that a plain model has no place for: it cannot be "
+                        "merged; generate and evaluate load the base with its adapter")
     cfg = model.cfg
     tie = cfg.tie_embeddings and torch.equal(merged_sd["lm_head.weight"], merged_sd["tok_emb.weight"])
     bias = cfg.bias or any(k.endswith(".bias") and k.startswith("blocks.") for k in merged_sd)

@@ -70,7 +70,9 @@ class DoRALinear(LoRALinear):
     `magnitude` (out,) starts at the row norms of W (the paper's column norms, in its (in, out)
     layout), so step 0 equals the base. As the paper recommends, the norm is treated as a constant
     in the backward pass (detached): much less memory, same quality. With LoRA dropout the base path
-    sees x and the low-rank path dropout(x), as in HF PEFT.
+    sees x and the low-rank path dropout(x): y = m/||W + sBA|| * (W x + s B A dropout(x)) + b. (HF PEFT's
+    training-mode form differs: its base correction (m/||.|| - 1) W also sees dropout(x). In eval mode, and with
+    dropout 0 as by default, the two are the same.)
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
@@ -78,8 +80,10 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(self.weight.detach().norm(dim=1))  # (out,)
 
     def _norm_scale(self) -> Tensor:
-        """m / ||W + scale B A|| per output row (out,), the norm detached."""
-        return self.magnitude / (self.weight + self.delta_weight()).norm(dim=1).detach()
+        """m / ||W + scale B A|| per output row (out,), the norm detached. A row that is all zero (the padded
+        vocabulary rows of an lm_head) divides by 1: its output is 0 at any scale, and 0/0 would spread NaN."""
+        norm = (self.weight + self.delta_weight()).norm(dim=1).detach()
+        return self.magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.peft_enabled:

@@ -17,7 +17,9 @@ with learned positions they get no position embedding (they are trained, positio
 Prefix tuning (Li & Liang 2021; P-tuning v2) learns each layer's prefix keys/values directly
 (post-RoPE, as prefixes in HF's past_key_values), initialised from the keys/values of random
 vocabulary tokens (the paper finds real-token initialisation more stable), or produces them with a
-reparameterisation MLP over trainable embeddings.
+reparameterisation MLP over trainable embeddings. As with prompt tuning the text keeps positions 0..T-1; HF's
+past_key_values, and so HF PEFT's PrefixTuning, put it at n..n+T-1: a prefix trained here does not carry over to
+HF PEFT as is (logits differ by ~0.1-0.3 on the tiny models).
 """
 
 from __future__ import annotations

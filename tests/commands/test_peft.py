@@ -35,8 +35,10 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(cli, tiny_run, tmp_path
     out = tmp_path / "eval.json"
     done = cli("evaluate", f"runs=[{run},{merged},{run / 'adapter'}]", f"output={out}", "max_batches=2")
     assert done.returncode == 0, done.stderr
-    losses = [r["perplexity"]["loss"] for r in json.loads(out.read_text())]
+    results = json.loads(out.read_text())
+    losses = [r["perplexity"]["loss"] for r in results]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4) and losses[0] == pytest.approx(losses[2], abs=1e-6)
+    assert results[0]["step"] == results[2]["step"] == 20  # the adapter's own steps, not its base's 30
     before = out.read_text()  # an adapter's results go beside it, never two levels up (here: over `out`)
     assert cli("evaluate", f"runs=[{run / 'adapter'}]", "max_batches=1").returncode == 0
     assert (run / "adapter" / "eval.json").is_file() and out.read_text() == before

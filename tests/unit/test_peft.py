@@ -216,6 +216,37 @@ def test_dora_merged_rows_have_the_learned_magnitude():
     torch.testing.assert_close(sd["blocks.0.attn.q_proj.weight"], layer.merged_weight())
 
 
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_an_adapted_lm_head_over_a_padded_vocabulary_trains_finite_and_merges(style, method):
+    """Vocabulary 60 padded to 64 rows (an imported GPT-2's 50,257 -> 50,304): DoRA divided the zero padded rows
+    by their zero norm (NaN in every adapter gradient); IA3 and BitFit scaled the 60-row merged weight by 64-row
+    vectors (a crash)."""
+    model = make_base(style, vocab_size=60, pad_vocab_multiple=64)
+    apply_peft(model, PeftConfig(method=method, targets=["q_proj", "lm_head"]))
+    x = tokens(vocab=60)
+    lm_loss(model, x).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    perturb_adapter(model)
+    if method == "bitfit":  # an output bias: no plain Transformer holds one (merge=true is refused up front)
+        with pytest.raises(UserError, match="cannot be merged"):
+            merge_adapter(model)
+        return
+    merged = merge_adapter(model)
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-5, atol=1e-5)
+    assert merged.state_dict()["lm_head.weight"].shape[0] == 60
+
+
+def test_bitfit_on_lm_head_with_merge_is_refused_before_training():
+    from llmkit.config.compose import compose
+
+    with pytest.raises(UserError, match="BitFit on lm_head trains an output bias that a plain model has no place for"):
+        compose("peft", None, ["peft=bitfit", "peft.targets=[all_linear,lm_head]", "merge=true"])
+    compose("peft", None, ["peft=bitfit", "peft.targets=[all_linear,lm_head]"])  # unmerged it trains and loads
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt", "adapter"])
 def test_unmergeable_methods_say_so(method):
     model, _ = adapted("gpt2", method)
