@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmkit.config.schema import MIN_TEMPERATURE
 from llmkit.errors import UserError
 from llmkit.model.kv_cache import StaticKVCache
 from llmkit.model.transformer import Transformer
@@ -100,8 +101,8 @@ def _validate(
         raise UserError("generate needs at least one prompt")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature != 0 and not temperature >= MIN_TEMPERATURE:
+        raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be >= 1 (or unset), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

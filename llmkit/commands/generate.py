@@ -77,12 +77,17 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
               file=sys.stderr)
     eos_id = tokenizer.token_to_id(loaded.meta.get("eos_token", "<|endoftext|>"))
     pad_id = tokenizer.token_to_id(loaded.meta.get("pad_token", "<|pad|>")) or 0
+    # A stop string that is a special token (<|im_end|>) never appears in the printed text: it stops as a token.
+    specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    stop_ids = [specials[s] for s in sampling.stop if s in specials]
+    stops = [s for s in sampling.stop if s not in specials]
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(sampling.seed)
     shown = [p + ("\n" if template else "") for p in prompts]  # a chat answer starts on its own line
-    streamer = _Streamer(tokenizer, encoded[0], shown[0], sampling.stop) if cfg.stream and len(prompts) == 1 else None
+    streamer = _Streamer(tokenizer, encoded[0], shown[0], stops) if cfg.stream and len(prompts) == 1 else None
     try:
         result = generate(model, encoded, max_new_tokens=max_new, temperature=sampling.temperature,
-                          top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, pad_id=pad_id,
+                          top_k=sampling.top_k, top_p=sampling.top_p,
+                          eos_id=[i for i in (eos_id, *stop_ids) if i is not None] or None, pad_id=pad_id,
                           generator=generator, on_tokens=streamer, compile=cfg.compile)
     except KeyboardInterrupt:
         if streamer is not None:  # end the streamed line, so "interrupted" starts its own
@@ -92,7 +97,7 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
         streamer.finish()
         return 0
     for prompt, new in zip(shown, result.new_tokens):
-        text, _ = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), sampling.stop)
+        text, _ = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stops)
         print(f"{prompt}{text}\n{'-' * 40}")
     return 0
 

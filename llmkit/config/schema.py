@@ -17,6 +17,8 @@ from llmkit.model.config import ModelConfig
 from llmkit.peft.config import MERGEABLE, PeftConfig
 from llmkit.tokenizer.config import TokenizerConfig
 
+# Below this a sampling temperature is greedy in all but name, and logits / temperature can overflow fp32 (NaN).
+MIN_TEMPERATURE = 1e-4
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when a GPU is visible, else the CPU
 
 
@@ -220,6 +222,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}")
         _check(self.temperature >= 0, f"sampling.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        _check(not 0 < self.temperature < MIN_TEMPERATURE, f"sampling.temperature={self.temperature} is below "
+               f"{MIN_TEMPERATURE}, where logits / temperature overflow; use 0 (greedy, what it amounts to)")
         _check(self.top_k is None or self.top_k >= 1, f"sampling.top_k must be >= 1 or null, got {self.top_k}")
         _check(self.top_p is None or 0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
         _check(all(self.stop), f"sampling.stop holds an empty string, which would stop every answer at once: "

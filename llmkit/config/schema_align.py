@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from llmkit.config.schema import (
     DEVICES,
+    MIN_TEMPERATURE,
     ROOTS,
     LauncherConfig,
     LoggerConfig,
@@ -193,7 +194,8 @@ class RolloutConfig:
                f"rollout.samples_per_prompt={self.samples_per_prompt} must be positive and divide "
                f"rollout.batch_size={self.batch_size}")
         _check(self.max_new_tokens > 0, f"rollout.max_new_tokens must be positive, got {self.max_new_tokens}")
-        _check(self.temperature > 0, f"rollout.temperature must be positive (PPO needs sampling), got {self.temperature}")
+        _check(self.temperature >= MIN_TEMPERATURE, f"rollout.temperature must be at least {MIN_TEMPERATURE} (PPO needs "
+               f"sampling, and smaller ones overflow), got {self.temperature}")
 
 
 @dataclass

@@ -160,4 +160,6 @@ def _running(pid: int) -> bool:
 def describe(stats: ShardStats) -> str:
     return (f"{stats.documents} documents ({stats.train_documents} train / {stats.val_documents} val), "
             f"{stats.bytes / 1e6:.2f} MB, {stats.tokens} tokens ({stats.train_tokens} train / {stats.val_tokens} val), "
-            f"{stats.bytes_per_token:.2f} bytes/token, {stats.mb_per_second:.2f} MB/s")
+            f"{stats.bytes_per_token:.2f} bytes/token, {stats.mb_per_second:.2f} MB/s"
+            + (f"; note: {stats.special_text_documents} document(s) hold a special token's text (e.g. <|endoftext|>), "
+               "encoded as that token (the eos one also separates documents)" if stats.special_text_documents else ""))

@@ -2,6 +2,8 @@
 
 A shard directory holds ``train.bin`` and ``val.bin`` (raw little-endian uint16 when the vocabulary
 fits in 65536 ids, else uint32: every document's tokens followed by the eos id) and ``meta.json``.
+A special token's text inside a document (``<|endoftext|>`` in a corpus that separates stories with it) is
+encoded as that token, as the tokenizer always does; the documents holding one are counted and reported.
 Whole documents go to validation by a fixed rule on their index (:func:`is_val_document`), so the
 split is deterministic and held out. The tokenizer that wrote them is saved beside them as
 ``tokenizer.json``. Files are written under temporary names and renamed; ``meta.json`` is written
@@ -47,6 +49,7 @@ class ShardStats:
     tokens: int = 0  # tokens written, one eos per document included
     train_tokens: int = 0
     val_tokens: int = 0
+    special_text_documents: int = 0  # documents whose text holds a special token's text (encoded as that token)
     seconds: float = 0.0
 
     @property
@@ -137,6 +140,7 @@ def write_token_shards(
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {vocab_size})")
     dtype = np.dtype(token_dtype(vocab_size))
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets (>= 0.20)
+    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
     stats = ShardStats()
     tmp_paths = {s: Path(tempfile.mkstemp(dir=out, prefix=f"{s}.bin.", suffix=".tmp")[1]) for s in SPLITS}
     digests = {s: hashlib.sha256() for s in SPLITS}  # recorded in meta.json: a resume on other data is refused
@@ -161,6 +165,7 @@ def write_token_shards(
                         stats.train_documents += 1
                     stats.documents += 1
                     stats.bytes += len(doc.encode("utf-8"))
+                    stats.special_text_documents += any(text in doc for text in specials)
                 for ids, file, digest in ((train_ids, train_f, digests["train"]), (val_ids, val_f, digests["val"])):
                     array = np.asarray(ids, dtype=dtype)
                     array.tofile(file)

@@ -3,7 +3,7 @@
 Local formats (``data.path`` is a file, a directory searched recursively, or a glob):
 
 - ``.txt``: UTF-8 text; every block of lines separated by one or more blank lines is one document
-  (line endings are normalised to ``\\n``).
+  (``\\r\\n`` and ``\\n`` line endings become ``\\n``; a lone ``\\r``, old Mac OS's, is kept as text).
 - ``.jsonl``: one JSON object per line; blank lines are skipped.
 - ``.json``: a list of objects, or an object whose ``"data"`` key holds that list.
 - ``.csv``: a header row, then one record per row (read with the ``csv`` module).
@@ -39,6 +39,8 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _WS = re.compile(r"\s*")
 _GLOB_CHARS = re.compile(r"[*?[]")
 _BOM = "\ufeff"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of half a surrogate pair
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins pairs: what is left is unpaired
 _REPLACEMENT = "\ufffd".encode()
 
 
@@ -146,7 +148,10 @@ def _hub_documents(cfg: CorpusConfig, stats: ReadStats) -> Iterator[str]:
             for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
         )
         fix = (
-            "running offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so the dataset must already be in "
+            "a directory written by save_to_disk is not read: write its rows with ds.to_parquet('<file>.parquet') "
+            "and use data.source=files data.path=<file>.parquet"
+            if "save_to_disk" in reason
+            else "running offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so the dataset must already be in "
             "the Hugging Face cache: download it once with network access, or use data.source=files"
             if offline
             else "check data.hub_name, data.hub_config and data.hub_split, and the network connection"
@@ -333,6 +338,8 @@ def _jsonl_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record
             ) from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object {{...}}, found {type(obj).__name__}")
+        if _SURROGATE_ESCAPE.search(line):
+            obj = _without_lone_surrogates(obj, f"{path}:{lineno}", errors, stats)
         yield Record(str(path), lineno, obj)
 
 
@@ -364,7 +371,7 @@ def _json_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record]
         items, start = top, _WS.match(text).end()
     else:
         raise UserError(f"{path}: the top level is {type(top).__name__}; {shape}")
-    line, pos = 1, 0
+    line, pos, escapes = 1, 0, _SURROGATE_ESCAPE.search(text) is not None
     for obj, item_pos in zip(items, _array_item_starts(text, start), strict=True):
         line += text.count("\n", pos, item_pos)
         pos = item_pos
@@ -372,7 +379,27 @@ def _json_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record]
             raise UserError(
                 f"{path}:{line}: expected a JSON object {{...}}, found {type(obj).__name__}; {shape}"
             )
+        if escapes:
+            obj = _without_lone_surrogates(obj, f"{path}:{line}", errors, stats)
         yield Record(str(path), line, obj)
+
+
+def _without_lone_surrogates(obj: Any, where: str, errors: str, stats: ReadStats) -> Any:
+    """`obj` with no unpaired surrogate in its strings (a JSON escape such as \\ud800, which is not text and
+    cannot be encoded): refused under data.encoding_errors=strict, each one U+FFFD under replace."""
+    if isinstance(obj, dict):
+        return {key: _without_lone_surrogates(value, where, errors, stats) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_without_lone_surrogates(value, where, errors, stats) for value in obj]
+    if not isinstance(obj, str) or (found := _LONE_SURROGATE.search(obj)) is None:
+        return obj
+    if errors == "strict":
+        raise UserError(f"{where}: the JSON escape \\u{ord(found[0]):04x} is half of a surrogate pair without its "
+                        "other half, not text; fix the record, or set data.encoding_errors=replace to substitute "
+                        "U+FFFD")
+    text, count = _LONE_SURROGATE.subn("\ufffd", obj)
+    stats.replaced += count
+    return text
 
 
 def _data_array_start(text: str) -> int:

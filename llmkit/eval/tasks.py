@@ -47,6 +47,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
 
+from llmkit.config.schema import MIN_TEMPERATURE
 from llmkit.errors import UserError
 from llmkit.eval.metrics import CHOICE_METRICS, GENERATE_METRICS
 
@@ -307,7 +308,8 @@ def _check_task(task: TaskSpec, where: str) -> None:
         need(task.fewshot.pool >= task.num_fewshot, f"fewshot.pool must be at least num_fewshot={task.num_fewshot}")
     gen = task.generation
     need(gen.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {gen.max_new_tokens}")
-    need(gen.temperature >= 0, f"generation.temperature must be >= 0 (0 = greedy), got {gen.temperature}")
+    need(gen.temperature == 0 or gen.temperature >= MIN_TEMPERATURE, f"generation.temperature must be 0 (greedy) or "
+         f"at least {MIN_TEMPERATURE}, got {gen.temperature}")
     need(gen.top_k is None or gen.top_k >= 1, f"generation.top_k must be >= 1, got {gen.top_k}")
     need(gen.top_p is None or 0 < gen.top_p <= 1, f"generation.top_p must be in (0, 1], got {gen.top_p}")
     need(all(gen.stop), "generation.stop strings must not be empty")

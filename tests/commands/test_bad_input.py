@@ -207,6 +207,7 @@ SAMPLING_CASES = [
     ("top-p-above-one", "sampling.top_p=1.5", ["top_p", "1.5"]),
     ("top-k-zero", "sampling.top_k=0", ["top_k", ">= 1"]),
     ("negative-temperature", "sampling.temperature=-1", ["temperature", ">= 0"]),
+    ("overflowing-temperature", "sampling.temperature=1e-39", ["sampling.temperature=1e-39 is below 0.0001", "use 0"]),
     ("empty-stop-string", "sampling.stop=[stop,'']", ["sampling.stop", "empty string", "remove it"]),
     ("unknown-device", "device=gpu", ["device='gpu'", "auto, cpu, cuda"]),
 ]

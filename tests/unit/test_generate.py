@@ -188,6 +188,7 @@ def test_positions_from_mask():
         ([], {}, "at least one prompt"),
         ([[1] * 35], dict(max_new_tokens=6), r"prompt 0 has 35 tokens.*block_size=40"),
         ([[1, V]], {}, "outside the vocabulary"),
+        ([[1, 2]], dict(temperature=1e-39), r"temperature must be 0 \(greedy\) or at least 0.0001"),
     ],
 )
 def test_bad_arguments_raise_user_error(prompts, kw, match):
@@ -204,3 +205,28 @@ def test_a_prompts_file_with_a_bom_and_crlf_gives_clean_prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes("\ufeffWrite abc in capital letters.\r\n\r\nWrite lomab.\r\n".encode())
     assert read_prompts(GenerateConfig(prompts_file=str(path))) == ["Write abc in capital letters.", "Write lomab."]
+
+
+def test_a_stop_string_that_is_a_special_token_stops_as_that_token(tiny_run, monkeypatch, capsys):
+    """The printed text has no special tokens, so sampling.stop=['<|im_end|>'] never matched: it is now a stop id,
+    beside the eos id; other stop strings still cut the text."""
+    import llmkit.generate
+    from llmkit.commands.generate import run
+    from llmkit.config.compose import compose
+
+    cfg, resolved = compose("generate", None, [f"run={tiny_run}", "prompt=Return the", "stream=false",
+                                               "sampling.stop=['<|im_end|>','###']"])
+    seen = {}
+
+    def fake_generate(model, prompts, *, eos_id, **kw):
+        seen["eos_id"] = eos_id
+        ids = tokenizer.encode("one two ### three").ids
+        return llmkit.generate.GenerationResult(torch.tensor([ids]), torch.ones(1, len(ids)), 0, [ids], [False])
+
+    from llmkit.tokenizer.bpe import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
+    monkeypatch.setattr(llmkit.generate, "generate", fake_generate)
+    assert run(cfg, resolved) == 0
+    assert seen["eos_id"] == [tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|im_end|>")]
+    assert capsys.readouterr().out.startswith("Return theone two \n")

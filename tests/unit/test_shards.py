@@ -95,6 +95,22 @@ def test_meta_json(tok, tmp_path):
     assert meta["bytes"] == stats.bytes and meta["data"] == {"source": "x"}
 
 
+def test_special_token_text_in_a_document_is_that_token_and_is_counted(tok, tmp_path):
+    """A corpus that separates stories with a literal <|endoftext|> gets the eos id there, as the tokenizer always
+    encodes it; the documents holding such text are counted (meta.json) and reported, not silent."""
+    eos = tok.token_to_id("<|endoftext|>")
+    docs = ["first story<|endoftext|>second story", *DOCS[:3], "ask <|im_start|>user", DOCS[3]]
+    stats = write_token_shards(docs, tok, tmp_path, val_fraction=0.1, eos_id=eos, parallel=False)
+    assert stats.special_text_documents == 2 and read_meta(tmp_path)["special_text_documents"] == 2
+    ids = load_shard(tmp_path, "train").tolist() + load_shard(tmp_path, "val").tolist()
+    assert ids.count(eos) == stats.documents + 1  # one after each document, one inside the first
+    from llmkit.data.prepare import describe
+
+    assert "note: 2 document(s) hold a special token's text" in describe(stats)
+    plain = write_token_shards(DOCS, tok, tmp_path / "plain", val_fraction=0.1, eos_id=eos, parallel=False)
+    assert plain.special_text_documents == 0 and "note" not in describe(plain)
+
+
 def test_parallel_and_serial_agree(tok, tmp_path):
     write_token_shards(DOCS, tok, tmp_path / "a", val_fraction=0.3, eos_id=0, parallel=True)
     write_token_shards(DOCS, tok, tmp_path / "b", val_fraction=0.3, eos_id=0, parallel=False)

@@ -194,6 +194,20 @@ def test_non_utf8_strict_and_replace(tmp_path, caplog):
     assert f"{h}:2" in fails(h)
 
 
+def test_an_unpaired_surrogate_escape_in_json_is_named_or_replaced(tmp_path):
+    """`"\\ud800"` is valid JSON but not text: it crashed the tokenizer ("internal error: UnicodeEncodeError")."""
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "ok \\ud83c\\udf89"}\n{"text": "x"}\n{"text": "lone \\ud800 here"}\n')
+    msg = fails(f)
+    assert f"{f}:3" in msg and "\\ud800 is half of a surrogate pair" in msg and "encoding_errors=replace" in msg
+    stats = ReadStats()
+    out = list(iter_documents(CorpusConfig(source="files", path=str(f), encoding_errors="replace"), stats))
+    assert out == ["ok \U0001f389", "x", "lone \ufffd here"] and stats.replaced == 1  # the pair is one emoji
+    g = tmp_path / "a.json"
+    g.write_text('[{"text": "ok"},\n {"messages": [{"content": "\\uDC00"}], "text": "y"}]')
+    assert f"{g}:2" in fails(g)  # nested too (SFT messages)
+
+
 def test_csv_problems(tmp_path):
     f = tmp_path / "a.csv"
     f.write_text("title,body\nx,y\n")
@@ -223,6 +237,17 @@ def test_hub_unavailable_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match=r"cannot load hub:nobody/no-such-dataset\[train\].*offline"):
         list(iter_documents(CorpusConfig(source="hub", hub_name="nobody/no-such-dataset")))
+
+
+def test_hub_given_a_save_to_disk_directory_says_how_to_read_it(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(UserError) as info:
+        list(iter_documents(CorpusConfig(source="hub", hub_name=str(tmp_path / "saved"))))
+    assert "save_to_disk is not read" in str(info.value) and "to_parquet" in str(info.value)
+    assert "offline" not in str(info.value).split(";", 1)[1]  # not the cache advice, which does not apply
 
 
 def test_hub_local_dataset_streaming(tmp_path):
