@@ -132,7 +132,7 @@ def _report(error: Exception, console) -> int:
         if rank == "0" or not error.same_on_every_process:  # a later one may be this process's alone
             console.print(f"{where}error: {error}", style="red", markup=False, soft_wrap=True)
         return error.exit_code
-    if _lost_peer(error):  # the process that ended first (or the launcher, for a killed one) says why
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _lost_peer(error):  # the process that ended first says why
         if rank == "0":
             console.print("error: another process of this launch ended first (its message, or the launcher's, says why)",
                           style="red", markup=False, soft_wrap=True)
