@@ -101,7 +101,7 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         typer.echo(annotated_yaml(resolved_yaml, schema_for(command)), nl=False)
         return 0
     launcher = getattr(cfg, "launcher", None)
-    if launcher is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would do the whole job
+    if launcher is None and _launched():  # each process would do the whole job
         raise SettingsError(f"`llmkit {command}` runs in one process; start it without accelerate launch / torchrun")
     if launcher is not None and launcher.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(command, args, launcher.num_processes)
@@ -132,7 +132,7 @@ def _report(error: Exception, console) -> int:
         if rank == "0" or not error.same_on_every_process:  # a later one may be this process's alone
             console.print(f"{where}error: {error}", style="red", markup=False, soft_wrap=True)
         return error.exit_code
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _lost_peer(error):  # the process that ended first says why
+    if _launched() and _lost_peer(error):  # the process that ended first says why
         if rank == "0":
             console.print("error: another process of this launch ended first (its message, or the launcher's, says why)",
                           style="red", markup=False, soft_wrap=True)
@@ -143,6 +143,11 @@ def _report(error: Exception, console) -> int:
     console.print(f"{where}internal error: {type(error).__name__}: {error} (set LLMKIT_DEBUG=1 for the traceback)",
                   style="red", markup=False, soft_wrap=True)
     return 1
+
+
+def _launched() -> bool:
+    """Whether this process is one of several of a launch (torchrun, accelerate launch, launcher.num_processes)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _lost_peer(error: Exception) -> bool:

@@ -45,15 +45,13 @@ def _main_run_dir(runtime: Runtime, run_dir: Path) -> Path:
     share; without one a run would train, then fail at its first checkpoint (or resume on some nodes only)."""
     import socket
 
-    from accelerate.utils import broadcast_object_list
-
     from llmkit.errors import SettingsError
 
-    token = secrets.token_hex(8) if runtime.is_main else ""
+    token = secrets.token_hex(8)
     if runtime.is_main:
         (run_dir / SHARED_CHECK).write_text(token)
-    shared = broadcast_object_list([str(run_dir), token] if runtime.is_main else ["", ""])
-    run_dir, token = Path(shared[0]), shared[1]
+    main_dir, token = runtime.gather((str(run_dir), token))[0]
+    run_dir = Path(main_dir)
     try:
         seen = (run_dir / SHARED_CHECK).read_text() == token
     except OSError:

@@ -10,6 +10,7 @@ import torch
 from llmkit.commands.common import load_trained, resolve_device
 from llmkit.config.schema import GenerateConfig
 from llmkit.errors import UserError
+from llmkit.tokenizer.bpe import special_tokens
 
 DEFAULT_PROMPT = "Return the"  # the start of many docstrings in the embedded corpus
 
@@ -78,7 +79,7 @@ def run(cfg: GenerateConfig, resolved_yaml: str) -> int:
     eos_id = tokenizer.token_to_id(loaded.meta.get("eos_token", "<|endoftext|>"))
     pad_id = tokenizer.token_to_id(loaded.meta.get("pad_token", "<|pad|>")) or 0
     # A stop string that is a special token (<|im_end|>) never appears in the printed text: it stops as a token.
-    specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    specials = special_tokens(tokenizer)
     stop_ids = [specials[s] for s in sampling.stop if s in specials]
     stops = [s for s in sampling.stop if s not in specials]
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(sampling.seed)

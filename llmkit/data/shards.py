@@ -128,7 +128,7 @@ def write_token_shards(
     """
     import numpy as np
 
-    from llmkit.tokenizer.bpe import TOKENIZER_FILE, save_tokenizer, tokenizer_fingerprint
+    from llmkit.tokenizer.bpe import TOKENIZER_FILE, save_tokenizer, special_tokens, tokenizer_fingerprint
 
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
@@ -140,7 +140,7 @@ def write_token_shards(
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {vocab_size})")
     dtype = np.dtype(token_dtype(vocab_size))
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets (>= 0.20)
-    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    specials = list(special_tokens(tokenizer))
     stats = ShardStats()
     tmp_paths = {s: Path(tempfile.mkstemp(dir=out, prefix=f"{s}.bin.", suffix=".tmp")[1]) for s in SPLITS}
     digests = {s: hashlib.sha256() for s in SPLITS}  # recorded in meta.json: a resume on other data is refused

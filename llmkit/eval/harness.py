@@ -28,6 +28,7 @@ from llmkit.errors import UserError
 from llmkit.eval.examples import build_queries
 from llmkit.eval.metrics import MetricValue, by_family, item_scores, summarize
 from llmkit.eval.tasks import DEFAULT_METRICS, Query, TaskSpec
+from llmkit.tokenizer.bpe import special_tokens
 
 
 @dataclass
@@ -209,7 +210,7 @@ def _score_generate(model, prompter: Prompter, task: TaskSpec, queries: list[Que
 
     gen = task.generation
     tokenizer = prompter.tokenizer
-    specials = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special} - {pad_id}
+    specials = set(special_tokens(tokenizer).values()) - {pad_id}
     stop_ids = sorted(specials | {prompter.eos_id})  # any special token ends an answer
     prompts = [prompter.ids(q) for q in queries]
     for query, ids in zip(queries, prompts):

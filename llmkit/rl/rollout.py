@@ -22,6 +22,7 @@ from llmkit.data.preference import held_out
 from llmkit.errors import UserError
 from llmkit.generate import generate, positions_from_mask
 from llmkit.rl.losses import logprobs_from_logits
+from llmkit.tokenizer.bpe import special_tokens
 from llmkit.tokenizer.chat import encode_prompt, validate_messages
 
 
@@ -114,7 +115,7 @@ def sample_rollout(policy: torch.nn.Module, prompts: list[list[int]], *, max_new
     out = generate(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
                    pad_id=pad_id, generator=generator)
     P = out.prompt_len
-    specials = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    specials = set(special_tokens(tokenizer).values())
     texts = [response_text(tokenizer, ids, specials) for ids in out.new_tokens]
     ended = torch.tensor(out.ended_with_eos, device=out.tokens.device)
     return Rollout(out.tokens, out.attention_mask, P, out.attention_mask[:, P:].bool(), ended, texts)

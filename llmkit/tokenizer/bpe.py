@@ -113,6 +113,11 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
+def special_tokens(tok: Tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens, text -> id (added tokens marked special: eos, pad, chat markers)."""
+    return {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+
+
 def token_id(tok: Tokenizer, token: str, key: str = "tokenizer") -> int:
     """The id of the single token ``token``; UserError naming ``key`` (the config key that chose it) if absent."""
     idx = tok.token_to_id(token)

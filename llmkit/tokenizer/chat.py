@@ -38,6 +38,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from llmkit.errors import UserError
+from llmkit.tokenizer.bpe import special_tokens
 from llmkit.tokenizer.config import EOS_TOKEN
 
 ROLES = ("system", "user", "assistant")
@@ -236,7 +237,7 @@ def _check_ready(tokenizer: Tokenizer, messages: list[dict], eos_token: str, loc
     eos_id = tokenizer.token_to_id(eos_token)
     if eos_id is None:
         raise UserError(f"eos token {eos_token!r} is not in the tokenizer's vocabulary; set tokenizer.eos_token to one of its special tokens")
-    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    specials = list(special_tokens(tokenizer))
     for i, message in enumerate(messages):
         found = next((s for s in specials if s in message["content"]), None)
         if found:
