@@ -66,6 +66,7 @@ def run_command(command: str, args: list[str] | None, print_config: bool) -> Non
     from llmkit.train.rundir import settle_run_dirs
 
     settle_run_dirs(succeeded=code == 0)
+    _leave_process_group()
     raise typer.Exit(code)
 
 
@@ -148,6 +149,19 @@ def _report(error: Exception, console) -> int:
 def _launched() -> bool:
     """Whether this process is one of several of a launch (torchrun, accelerate launch, launcher.num_processes)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group of a launch while the interpreter is whole: left to interpreter shutdown, gloo's
+    worker threads could free tensors after Python was gone and end the process with SIGABRT ("terminate called
+    without an active exception") instead of its exit code."""
+    dist = sys.modules.get("torch.distributed")  # only where the command imported it: --help stays instant
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # a peer already gone: the exit code says what happened
+        pass
 
 
 def _lost_peer(error: Exception) -> bool:
