@@ -18,7 +18,8 @@ import sys
 import time
 
 GRACEFUL_CODES = (0, 130, 143, 129, 141)  # done, or stopped with a checkpoint (SIGINT, SIGTERM, SIGHUP, closed stdout)
-STOP_GRACE_S = 10.0  # after a worker failed: how long the others get to exit on SIGTERM before SIGKILL
+FAILURE_SETTLE_S = 1.0  # after a worker failed: how long the others may end on their own (their codes count)
+STOP_GRACE_S = 10.0  # then: how long the others get to exit on SIGTERM before SIGKILL
 
 
 def _free_port() -> int:
@@ -51,29 +52,37 @@ def run_local(argv: list[str], num_processes: int) -> int:
 
 
 def _wait(workers: list[subprocess.Popen]) -> int:
-    """Wait for every worker; if one fails (not a graceful stop), stop the rest. A worker killed by a signal
-    (the OOM killer's SIGKILL) cannot say why it ended, so this process does."""
+    """Wait for every worker; if one fails (not a graceful stop), stop the rest once the others that fail with it
+    have ended. The exit code is the cause's: a worker killed by a signal (the OOM killer's SIGKILL) cannot say why
+    it ended, so this process does; else a specific code (2: a refused input) over 1, which is also what a worker
+    whose peer ended first returns."""
+    failures: list[tuple[int, int]] = []  # (rank, exit code) of the workers that failed on their own, in order
     failed_at: float | None = None
-    first_failure: tuple[int, int] | None = None  # (rank, exit code) of the worker that failed first
+    stopping = False
     while True:
         codes = [w.poll() for w in workers]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, *GRACEFUL_CODES)]
-        if failed_at is None and failed:
-            first_failure = min(failed, key=lambda failure: failure[1] >= 0)  # a killed one caused the others
-            failed_at = time.monotonic()
+        if not stopping:
+            seen = {rank for rank, _ in failures}
+            failures += [(rank, code) for rank, code in enumerate(codes)
+                         if code not in (None, *GRACEFUL_CODES) and rank not in seen]
+            if failures and failed_at is None:
+                failed_at = time.monotonic()
+        if all(code is not None for code in codes):
+            break
+        waited = 0.0 if failed_at is None else time.monotonic() - failed_at
+        if not stopping and waited > FAILURE_SETTLE_S:
+            stopping = True
             for worker in workers:
                 if worker.poll() is None:
                     worker.terminate()
-        if all(code is not None for code in codes):
-            break
-        if failed_at is not None and time.monotonic() - failed_at > STOP_GRACE_S:
+        if waited > FAILURE_SETTLE_S + STOP_GRACE_S:
             for worker in workers:
                 if worker.poll() is None:
                     worker.kill()
         time.sleep(0.05)
-    if first_failure is None:
+    if not failures:
         return codes[0]
-    rank, code = first_failure
+    rank, code = min(failures, key=lambda failure: (failure[1] >= 0, failure[1] == 1))  # the earliest of equals
     if code < 0:
         name = signal.Signals(-code).name
         hint = " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else ""

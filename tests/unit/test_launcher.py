@@ -33,6 +33,15 @@ def test_the_first_failure_decides_the_exit_code_even_when_it_ends_last(capfd):
     assert _wait([failed, fine]) == 2 and capfd.readouterr().err == ""  # it printed its own message
 
 
+def test_a_refused_input_decides_the_exit_code_over_a_peer_that_lost_it_first(capfd):
+    """Rank 0 refuses the input (2) and leaves; rank 1's collective fails (1) and is reaped first: the launch
+    exited 1 where the message said the input was refused."""
+    rank0, rank1 = worker("time.sleep(0.4); sys.exit(2)"), worker("time.sleep(0.1); sys.exit(1)")
+    assert _wait([rank0, rank1]) == 2 and capfd.readouterr().err == ""
+    crashed, waiting = worker("time.sleep(0.1); sys.exit(1)"), worker("time.sleep(60)")
+    assert _wait([crashed, waiting]) == 1 and waiting.returncode == -signal.SIGTERM  # stopped, not counted
+
+
 def test_lost_peer_errors_are_told_apart_from_a_process_own_failure():
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:45988. This is "
                         "typically caused by a remote worker crashing.")
