@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--reps", type=int, default=None, help="alternating measurements per side (default 5; 2 quick)")
     parser.add_argument("--experiments", action="store_true",
-                        help="also time llmkit variants (plain loss, torch.compile, fused projections, vocab padding)")
+                        help="also time llmkit variants (plain loss, torch.compile, fused projections, AdamW kinds, vocab padding)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results (all samples) here")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -78,17 +78,23 @@ TRAIN_EXPERIMENTS: dict[str, tuple[Callable[[Transformer], torch.nn.Module], Los
     "llmkit-fused_loss": (lambda m: m, plain_loss),  # train.fused_loss=false
     "llmkit+compile": (torch.compile, ours_loss),  # train.compile=true
     "llmkit+fused_proj": (fuse_projections, ours_loss),
+    "llmkit-fused_adamw": (lambda m: m, ours_loss),  # optim.fused=false: torch's per-tensor AdamW on CPU
+    "llmkit+foreach_adamw": (lambda m: m, ours_loss),  # unfused, one multi-tensor kernel per op (no switch)
 }
+ADAMW_KINDS = {"llmkit-fused_adamw": "for-loop", "llmkit+foreach_adamw": "foreach"}  # others: fused
 
 
 def train_steps(model: torch.nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                st: Settings) -> tuple[Callable[[], float], Callable[[], float]]:
+                st: Settings, adamw: str = "fused") -> tuple[Callable[[], float], Callable[[], float]]:
     """(one plain step: forward, cross-entropy, backward, AdamW, zero_grad -> loss; a peak sample, then the
-    step timed -> tokens/s). The optimizer is llmkit's recipe (fused AdamW, decay on matrices) for either model."""
+    step timed -> tokens/s). The optimizer is llmkit's recipe (fused AdamW, decay on matrices) for either model;
+    `adamw` picks torch's implementation of the same update: fused, foreach or for-loop."""
     from llmkit.config.schema import OptimConfig
     from llmkit.train.optim import build_optimizer
 
-    opt = build_optimizer(model, OptimConfig(lr=1e-3, fused=True), "cpu")
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, fused=adamw == "fused"), "cpu")
+    for group in opt.param_groups:
+        group["foreach"] = adamw == "foreach"
     model.train()
 
     def step() -> float:
@@ -122,7 +128,7 @@ def bench_train(st: Settings) -> list[Row]:
                 models |= {k: (prep(copy.deepcopy(ours)), fn) for k, (prep, fn) in TRAIN_EXPERIMENTS.items()}
             sides, losses = {}, {}
             for name, (model, loss_fn) in models.items():
-                warmup, sides[name] = train_steps(model, loss_fn, x, y, st)
+                warmup, sides[name] = train_steps(model, loss_fn, x, y, st, ADAMW_KINDS.get(name, "fused"))
                 losses[name] = [warmup() for _ in range(2)]  # the 2nd loss checks the 1st step's gradients too
             samples = alternate(sides, st.reps)
             med = {k: median(v) for k, v in samples.items()}

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from tests.conftest import cli_env
@@ -56,3 +57,29 @@ def test_vocab_padding_experiment_trains_the_same_function(monkeypatch):
     for row in rows:
         assert row.ours > 0 and row.peer > 0
         assert float(row.note.split("loss diff ")[1]) <= 1e-5  # zero padded rows: the same model (to fp32 rounding)
+
+
+def test_adamw_experiments_run_the_named_implementation_of_the_same_update(monkeypatch):
+    """--experiments' optimizer rows (optim.fused=false, foreach) train the same function as fused AdamW."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    import torch.optim.adam as adam
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import bench_common
+    import bench_train
+
+    calls: list[str] = []
+    for kind in ("fused", "multi_tensor", "single_tensor"):
+        original = getattr(adam, f"_{kind}_adam")
+        monkeypatch.setattr(adam, f"_{kind}_adam", lambda *a, _k=kind, _f=original, **kw: (calls.append(_k), _f(*a, **kw))[1])
+    names = ("llmkit-fused_adamw", "llmkit+foreach_adamw")
+    monkeypatch.setattr(bench_train, "TRAIN_EXPERIMENTS", {k: bench_train.TRAIN_EXPERIMENTS[k] for k in names})
+    rows = bench_train.bench_train(bench_common.Settings(threads=1, quick=True, reps=1, experiments=True))
+    assert [r.case for r in rows if r.section == "train-x"] == [f"{f} toy: {n}" for f in ("gpt2", "llama") for n in names]
+    for row in rows:
+        assert float(row.note.split("loss diff ")[1]) <= 1e-5, row.case
+    # per family: llmkit and HF fused, one side for-loop, one foreach; each 2 warm-up steps and 1 timed step,
+    # and each step runs the update once per parameter group (decayed matrices, the rest)
+    assert Counter(calls) == {"fused": 24, "single_tensor": 12, "multi_tensor": 12}
