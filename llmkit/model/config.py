@@ -10,6 +10,8 @@ from llmkit.errors import UserError
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+LLAMA3_DEFAULTS = {"rope_original_context": 8192, "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0}
 
 
 @dataclass
@@ -32,6 +34,11 @@ class ModelConfig:
     qkv_bias: bool | None = None  # None: as bias; true with bias=false: biases on q/k/v only (Qwen2 style)
     dropout: float = 0.0  # on embeddings, attention and residual branches (training only)
     rope_theta: float = 10000.0  # rope: base of the rotary frequencies
+    rope_scaling: str = "none"  # rope: none | linear | llama3 (Llama 3.1+): frequencies stretched to a longer context
+    rope_factor: float = 1.0  # linear, llama3: how many times the original context the stretched one is
+    rope_original_context: int = 8192  # llama3: the context the model was pretrained at (original_max_position_embeddings)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_context / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_context / this stay; between, blended
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     init_std: float = 0.02  # std of the normal initialisation
     pad_vocab_multiple: int = 64  # embedding/lm_head rows rounded up to a multiple of this (1: no padding)
@@ -54,10 +61,31 @@ class ModelConfig:
             raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and self.head_dim % 2:
             raise UserError(f"rope needs an even head size; d_model/n_head = {self.head_dim}")
+        self._check_rope_scaling()
         if self.pad_vocab_multiple < 1:
             raise UserError(f"model.pad_vocab_multiple must be >= 1 (1: no padding), got {self.pad_vocab_multiple}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def _check_rope_scaling(self) -> None:
+        """rope_scaling's settings are refused where they would be ignored or give non-finite frequencies."""
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise UserError(f"model.rope_scaling={self.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling != "none" and self.pos != "rope":
+            raise UserError(f"model.rope_scaling={self.rope_scaling} needs model.pos=rope (it is {self.pos!r})")
+        for key in ("rope_factor", *LLAMA3_DEFAULTS):
+            if not 0 < getattr(self, key) < math.inf:
+                raise UserError(f"model.{key} must be positive and finite, got {getattr(self, key)}")
+        if self.rope_scaling == "none" and self.rope_factor != 1.0:
+            raise UserError(f"model.rope_factor={self.rope_factor} has no effect with model.rope_scaling=none: "
+                            "set model.rope_scaling=linear or llama3, or leave rope_factor at 1")
+        unused = [k for k, v in LLAMA3_DEFAULTS.items() if getattr(self, k) != v and self.rope_scaling != "llama3"]
+        if unused:
+            raise UserError(f"model.{unused[0]} is a setting of model.rope_scaling=llama3 and has no effect with "
+                            f"rope_scaling={self.rope_scaling}: leave it at {LLAMA3_DEFAULTS[unused[0]]}")
+        if self.rope_low_freq_factor >= self.rope_high_freq_factor:
+            raise UserError(f"model.rope_low_freq_factor ({self.rope_low_freq_factor}) must be below "
+                            f"model.rope_high_freq_factor ({self.rope_high_freq_factor})")
 
     @property
     def padded_vocab(self) -> int:

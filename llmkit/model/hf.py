@@ -32,13 +32,43 @@ def family_of(hf_config: Any) -> str:
     return model_type
 
 
-def _rope_theta(hf_config: Any) -> float:
-    """rope theta from an HF Llama config (transformers 5 keeps it in rope_parameters, 4.x as rope_theta)."""
+def _rope_settings(hf_config: Any) -> dict[str, Any]:
+    """Our model.rope_* settings from an HF Llama-like config: theta, and the default, linear or llama3 rope type.
+
+    transformers 5 keeps them in rope_parameters; 4.x in rope_theta and rope_scaling (which 5 also reads first).
+    """
     params = getattr(hf_config, "rope_parameters", None) or {}
     scaling = getattr(hf_config, "rope_scaling", None) or params
-    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise UserError(f"HF rope scaling {scaling!r} is not supported; only the default rotary embedding is")
-    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    theta = float(scaling.get("rope_theta", params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear", "llama3") or scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"HF rope scaling {scaling!r} is not supported; llmkit reads the default, linear and llama3 "
+                        "(Llama 3.1+) rope types over the whole head")
+    if kind == "default":
+        return {"rope_theta": theta}
+    needed = ("factor", "low_freq_factor", "high_freq_factor") if kind == "llama3" else ("factor",)
+    missing = [key for key in needed if key not in scaling]
+    if missing:
+        raise UserError(f"HF rope scaling {scaling!r} lacks {', '.join(missing)}, which rope type {kind} needs")
+    settings = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(scaling["factor"])}
+    if kind == "llama3":
+        settings |= {"rope_original_context": int(scaling.get("original_max_position_embeddings",
+                                                              hf_config.max_position_embeddings)),
+                     "rope_low_freq_factor": float(scaling["low_freq_factor"]),
+                     "rope_high_freq_factor": float(scaling["high_freq_factor"])}
+    return settings
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """HF's rope_parameters (transformers 5) and rope_scaling (4.x) for our model.rope_* settings."""
+    params: dict[str, Any] = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+                              "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        params["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        params |= {"original_max_position_embeddings": cfg.rope_original_context,
+                   "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor}
+    return params
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
@@ -68,7 +98,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
         n_kv_head=hf_config.num_key_value_heads, d_model=hf_config.hidden_size,
         d_ff=hf_config.intermediate_size, norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=tie,
-        bias=bias, qkv_bias=qkv_bias, dropout=0.0, rope_theta=_rope_theta(hf_config), norm_eps=hf_config.rms_norm_eps,
+        bias=bias, qkv_bias=qkv_bias, dropout=0.0, norm_eps=hf_config.rms_norm_eps, **_rope_settings(hf_config),
     )
 
 
@@ -137,8 +167,10 @@ def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
         intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
     )
+    if cfg.rope_scaling != "none":
+        common["rope_scaling"] = _rope_parameters(cfg)  # what transformers 4.x reads (and 5 reads first)
     if family == "qwen2":
         return {**common, "use_sliding_window": False, "sliding_window": None}
     if family == "mistral":

@@ -46,10 +46,27 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin (max_len, head_dim), each frequency repeated over the two halves (HF Llama layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+def rope_frequencies(cfg: ModelConfig) -> Tensor:
+    """The rotary frequencies (head_dim/2,) of theta, stretched as model.rope_scaling says (HF's rope types)."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    if cfg.rope_scaling == "linear":  # positions / factor
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":  # long wavelengths stretched, short ones kept, a smooth blend between
+        wavelen = 2 * math.pi / inv_freq
+        original, low, high = cfg.rope_original_context, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        stretched = torch.where(wavelen > original / low, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * stretched / cfg.rope_factor + smooth * stretched
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, stretched)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin (block_size, head_dim), each frequency repeated over the two halves (HF Llama layout)."""
+    inv_freq = rope_frequencies(cfg)
+    freqs = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
     return emb.cos(), emb.sin()
 
@@ -176,7 +193,7 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False  # train.activation_checkpointing: recompute blocks in backward
         if cfg.pos == "rope":
             # Non-persistent: rebuilt from the config, so checkpoints hold only learned weights.
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if cfg.padded_vocab != cfg.vocab_size:

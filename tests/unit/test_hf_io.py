@@ -81,6 +81,35 @@ def test_import_then_export_keeps_the_logits_and_the_tokenizer(family, tokenizer
     assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|pad|>"
 
 
+def test_a_llama_3_rope_scaled_model_imports_and_exports_as_saved_by_transformers_4_or_5(tokenizer, tmp_path):
+    """Llama 3.1+ stretch rope with the llama3 rope type: config.json holds it as rope_parameters (transformers 5) or
+    as rope_scaling next to rope_theta (4.x, as on the hub). Both give HF's logits, and export writes it back."""
+    from tests.unit.test_hf_parity import LLAMA3_ROPE
+
+    vocab = tokenizer.get_vocab_size()
+    cfg = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=32, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE))
+    torch.manual_seed(0)
+    hf = randomize(transformers.LlamaForCausalLM(cfg))
+    tokens = torch.randint(0, vocab, (2, 30), generator=torch.Generator().manual_seed(1))
+    reference = logits(hf, tokens)
+    new = save_hf_dir(hf, tokenizer, tmp_path / "hf5")
+    old = save_hf_dir(hf, tokenizer, tmp_path / "hf4")
+    config = json.loads((old / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config |= {"rope_theta": params.pop("rope_theta"), "rope_scaling": params}
+    (old / "config.json").write_text(json.dumps(config))
+    for source in (new, old):
+        checkpoint = import_hf(source, tmp_path / f"imported-{source.name}")
+        loaded = load_trained(str(checkpoint))
+        assert loaded.model.cfg.rope_scaling == "llama3", source.name
+        torch.testing.assert_close(logits(loaded.model, tokens), reference, rtol=1e-4, atol=1e-5)
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_hf(str(checkpoint), tmp_path / "exported")).eval()
+    assert back.config.rope_parameters["rope_type"] == "llama3"
+    torch.testing.assert_close(logits(back, tokens), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_a_qwen2_style_model_with_another_tokenizer_is_not_exported(tokenizer, tmp_path, capsys):
     """AutoTokenizer rebuilds a qwen2 model's tokenizer with Qwen2's splitting: with a GPT-2 style BPE the exported
     directory would tokenize differently in transformers (checked here), so export refuses it."""

@@ -2,6 +2,7 @@
 both ways."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,7 +66,13 @@ CASES = {
     "qwen2_tied": lambda: tiny_qwen2(tie_word_embeddings=True,
                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     "mistral": lambda: tiny_mistral(sliding_window=None),
+    "llama_rope_linear": lambda: tiny_llama(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+    "llama_rope_llama3": lambda: tiny_llama(rope_parameters=LLAMA3_ROPE),
 }
+# Llama 3.1's rope type at a tiny scale: with head size 8 (frequencies 1, .1, .01, .001) and an original context of
+# 64, one frequency is kept, one blended and two divided by the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def hf_logits(hf, tokens, **kw):
@@ -96,6 +103,31 @@ def test_logits_match_hf(case):
     fresh = type(hf)(config_to_hf(cfg, family)).eval()
     fresh.load_state_dict(back)
     torch.testing.assert_close(hf_logits(fresh, tokens), theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_scaling_is_read_written_and_changes_what_the_model_computes():
+    """The scaled cases above would pass with unscaled rope if scaling did nothing here: it does."""
+    tokens = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(3))
+    for case in ("llama_rope_linear", "llama_rope_llama3"):
+        scaled = CASES[case]()
+        plain = tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": scaled.config.rope_parameters["rope_theta"]})
+        assert (hf_logits(scaled, tokens) - hf_logits(plain, tokens)).abs().max() > 1e-2, case
+    cfg = config_from_hf(CASES["llama_rope_llama3"]().config)
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_context, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_theta) == ("llama3", 8.0, 64, 1.0, 4.0, 10000.0)
+    exported = config_to_hf(cfg, "llama").to_dict()
+    assert {k: exported["rope_parameters"][k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
+    old_style = transformers.LlamaConfig(rope_theta=5e5, rope_scaling={  # a Llama 3.2 config.json of transformers 4.x
+        "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+        "rope_type": "llama3"})
+    cfg = config_from_hf(old_style)
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_context, cfg.rope_theta) == ("llama3", 32.0, 8192, 5e5)
+    for scaling, message in (({"rope_type": "yarn", "factor": 4.0}, "llmkit reads the default, linear and llama3"),
+                             ({"rope_type": "dynamic", "factor": 2.0}, "llmkit reads the default, linear and llama3"),
+                             ({"rope_type": "llama3", "factor": 8.0}, "lacks low_freq_factor, high_freq_factor")):
+        with pytest.raises(UserError, match=message):
+            config_from_hf(SimpleNamespace(**{**tiny_llama().config.to_dict(), "rope_parameters": None,
+                                              "rope_scaling": scaling}))
 
 
 def test_left_padded_llama_matches_hf_with_position_ids():

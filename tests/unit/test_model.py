@@ -251,3 +251,36 @@ def test_out_of_range_model_settings_are_refused_naming_the_key(field, value):
     """Each of these used to reach torch (a negative dimension, a NaN loss blamed on the learning rate)."""
     with pytest.raises(UserError, match=rf"model\.{field} must be"):
         ModelConfig(**{field: value, "pos": "rope"})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"rope_scaling": "yarn"}, r"model\.rope_scaling='yarn' is not one of none, linear, llama3"),
+    ({"rope_scaling": "linear", "pos": "learned", "rope_factor": 2.0}, r"needs model\.pos=rope"),
+    ({"rope_factor": 8.0}, r"model\.rope_factor=8\.0 has no effect with model\.rope_scaling=none"),
+    ({"rope_scaling": "linear", "rope_factor": 2.0, "rope_original_context": 64}, r"rope_original_context is a setting of"),
+    ({"rope_scaling": "llama3", "rope_factor": 0.0}, r"model\.rope_factor must be positive"),
+    ({"rope_scaling": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 4.0}, r"must be below"),
+])
+def test_rope_scaling_settings_that_would_be_ignored_or_break_the_frequencies_are_refused(settings, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig(**{"pos": "rope", **settings})
+
+
+def test_rope_scaling_stretches_the_frequencies_as_its_type_says():
+    from llmkit.model.transformer import rope_frequencies
+
+    base = ModelConfig(pos="rope", d_model=32, n_head=4, rope_theta=10000.0)  # head 8: frequencies 1, .1, .01, .001
+    plain = rope_frequencies(base)
+    torch.testing.assert_close(plain, torch.tensor([1.0, 0.1, 0.01, 0.001]))
+    linear = dataclasses.replace(base, rope_scaling="linear", rope_factor=4.0)
+    torch.testing.assert_close(rope_frequencies(linear), plain / 4)
+    # original context 64: wavelengths below 64/4 = 16 stay (2pi), above 64/1 are divided by 8 (628, 6283), and
+    # 62.8 is blended: smooth = (64 / 62.8 - 1) / 3, frequency (1 - smooth) * 0.1 / 8 + smooth * 0.1
+    llama3 = dataclasses.replace(base, rope_scaling="llama3", rope_factor=8.0, rope_original_context=64)
+    smooth = (64 / (2 * math.pi / 0.1) - 1) / 3
+    torch.testing.assert_close(rope_frequencies(llama3),
+                               torch.tensor([1.0, (1 - smooth) * 0.1 / 8 + smooth * 0.1, 0.01 / 8, 0.001 / 8]))
+    cos, sin = Transformer(llama3).rope_cos, Transformer(llama3).rope_sin
+    angles = torch.arange(base.block_size)[:, None].float() * rope_frequencies(llama3)
+    torch.testing.assert_close(cos, torch.cat([angles.cos()] * 2, -1))
+    torch.testing.assert_close(sin, torch.cat([angles.sin()] * 2, -1))
