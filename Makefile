@@ -4,6 +4,8 @@ TORCH_CPU ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 # the pipeline shows a quiet machine's speed: all cores (PIPELINE_THREADS=1 make pipeline on a busy one)
 PIPELINE_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
+# test files run on this many pytest-xdist workers, each on one torch thread (TEST_WORKERS=0: one process, in order)
+TEST_WORKERS ?= 2
 
 .PHONY: install install-torch test lint bench demo pipeline clean
 
@@ -19,8 +21,8 @@ install-torch:
 		$(PY) -m pip install --timeout 30 --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu "$(TORCH_CPU)"; \
 	fi
 
-test:  ## the whole suite (one thread, offline), ~minutes on 2 CPU cores
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
+test:  ## the whole suite (one thread per worker, offline), ~minutes on 2 CPU cores
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint:
 	$(PY) -m ruff check llmkit tests scripts
