@@ -67,7 +67,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
     """cos and sin (block_size, head_dim), each frequency repeated over the two halves (HF Llama layout)."""
     inv_freq = rope_frequencies(cfg)
     freqs = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, head_dim)
     return emb.cos(), emb.sin()
 
 
