@@ -74,14 +74,14 @@ def fuse_projections(model: Transformer) -> Transformer:
 
 
 ours_loss = fused_ce_loss  # the llmkit side trains as `llmkit pretrain` does by default
-TRAIN_EXPERIMENTS: dict[str, tuple[Callable[[Transformer], torch.nn.Module], LossFn]] = {
-    "llmkit-fused_loss": (lambda m: m, plain_loss),  # train.fused_loss=false
-    "llmkit+compile": (torch.compile, ours_loss),  # train.compile=true
-    "llmkit+fused_proj": (fuse_projections, ours_loss),
-    "llmkit-fused_adamw": (lambda m: m, ours_loss),  # optim.fused=false: torch's per-tensor AdamW on CPU
-    "llmkit+foreach_adamw": (lambda m: m, ours_loss),  # unfused, one multi-tensor kernel per op (no switch)
+# name -> (the model change, the loss, torch's AdamW implementation: fused, foreach or for-loop)
+TRAIN_EXPERIMENTS: dict[str, tuple[Callable[[Transformer], torch.nn.Module], LossFn, str]] = {
+    "llmkit-fused_loss": (lambda m: m, plain_loss, "fused"),  # train.fused_loss=false
+    "llmkit+compile": (torch.compile, ours_loss, "fused"),  # train.compile=true
+    "llmkit+fused_proj": (fuse_projections, ours_loss, "fused"),
+    "llmkit-fused_adamw": (lambda m: m, ours_loss, "for-loop"),  # optim.fused=false: torch's per-tensor AdamW on CPU
+    "llmkit+foreach_adamw": (lambda m: m, ours_loss, "foreach"),  # one multi-tensor kernel per op (no switch)
 }
-ADAMW_KINDS = {"llmkit-fused_adamw": "for-loop", "llmkit+foreach_adamw": "foreach"}  # others: fused
 
 
 def train_steps(model: torch.nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
@@ -123,12 +123,13 @@ def bench_train(st: Settings) -> list[Row]:
             data = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(1))
             x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
             ours, hf = build_pair(cfg, family)
-            models: dict[str, tuple[torch.nn.Module, LossFn]] = {"llmkit": (ours, ours_loss), "hf": (hf, hf_loss)}
+            models: dict[str, tuple[torch.nn.Module, LossFn, str]] = {"llmkit": (ours, ours_loss, "fused"),
+                                                                      "hf": (hf, hf_loss, "fused")}
             if st.experiments and size in ("14M", "toy"):
-                models |= {k: (prep(copy.deepcopy(ours)), fn) for k, (prep, fn) in TRAIN_EXPERIMENTS.items()}
+                models |= {k: (prep(copy.deepcopy(ours)), fn, adamw) for k, (prep, fn, adamw) in TRAIN_EXPERIMENTS.items()}
             sides, losses = {}, {}
-            for name, (model, loss_fn) in models.items():
-                warmup, sides[name] = train_steps(model, loss_fn, x, y, st, ADAMW_KINDS.get(name, "fused"))
+            for name, (model, loss_fn, adamw) in models.items():
+                warmup, sides[name] = train_steps(model, loss_fn, x, y, st, adamw)
                 losses[name] = [warmup() for _ in range(2)]  # the 2nd loss checks the 1st step's gradients too
             samples = alternate(sides, st.reps)
             med = {k: median(v) for k, v in samples.items()}

@@ -11,7 +11,7 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-LLAMA3_DEFAULTS = {"rope_original_context": 8192, "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0}
+LLAMA3_KEYS = ("rope_original_context", "rope_low_freq_factor", "rope_high_freq_factor")
 
 
 @dataclass
@@ -73,16 +73,17 @@ class ModelConfig:
             raise UserError(f"model.rope_scaling={self.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
         if self.rope_scaling != "none" and self.pos != "rope":
             raise UserError(f"model.rope_scaling={self.rope_scaling} needs model.pos=rope (it is {self.pos!r})")
-        for key in ("rope_factor", *LLAMA3_DEFAULTS):
+        for key in ("rope_factor", *LLAMA3_KEYS):
             if not 0 < getattr(self, key) < math.inf:
                 raise UserError(f"model.{key} must be positive and finite, got {getattr(self, key)}")
         if self.rope_scaling == "none" and self.rope_factor != 1.0:
             raise UserError(f"model.rope_factor={self.rope_factor} has no effect with model.rope_scaling=none: "
                             "set model.rope_scaling=linear or llama3, or leave rope_factor at 1")
-        unused = [k for k, v in LLAMA3_DEFAULTS.items() if getattr(self, k) != v and self.rope_scaling != "llama3"]
+        defaults = {key: ModelConfig.__dataclass_fields__[key].default for key in LLAMA3_KEYS}
+        unused = [k for k, v in defaults.items() if getattr(self, k) != v and self.rope_scaling != "llama3"]
         if unused:
             raise UserError(f"model.{unused[0]} is a setting of model.rope_scaling=llama3 and has no effect with "
-                            f"rope_scaling={self.rope_scaling}: leave it at {LLAMA3_DEFAULTS[unused[0]]}")
+                            f"rope_scaling={self.rope_scaling}: leave it at {defaults[unused[0]]}")
         if self.rope_low_freq_factor >= self.rope_high_freq_factor:
             raise UserError(f"model.rope_low_freq_factor ({self.rope_low_freq_factor}) must be below "
                             f"model.rope_high_freq_factor ({self.rope_high_freq_factor})")

@@ -280,7 +280,8 @@ def test_rope_scaling_stretches_the_frequencies_as_its_type_says():
     smooth = (64 / (2 * math.pi / 0.1) - 1) / 3
     torch.testing.assert_close(rope_frequencies(llama3),
                                torch.tensor([1.0, (1 - smooth) * 0.1 / 8 + smooth * 0.1, 0.01 / 8, 0.001 / 8]))
-    cos, sin = Transformer(llama3).rope_cos, Transformer(llama3).rope_sin
+    model = Transformer(llama3)
+    cos, sin = model.rope_cos, model.rope_sin
     angles = torch.arange(base.block_size)[:, None].float() * rope_frequencies(llama3)
     torch.testing.assert_close(cos, torch.cat([angles.cos()] * 2, -1))
     torch.testing.assert_close(sin, torch.cat([angles.sin()] * 2, -1))
