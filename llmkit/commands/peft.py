@@ -22,14 +22,34 @@ from llmkit.data.instruct import instruction_sets
 from llmkit.data.lm import shard_windows
 from llmkit.data.prepare import prepare_tokens
 from llmkit.errors import UserError
-from llmkit.model.transformer import flops_per_token
-from llmkit.peft.apply import adapter_state_dict, apply_peft, merge_adapter, save_adapter, trainable_summary
+from llmkit.model.transformer import Transformer, flops_per_token
+from llmkit.peft.apply import (
+    adapter_state_dict,
+    apply_peft,
+    merge_adapter,
+    peft_state,
+    save_adapter,
+    trainable_summary,
+)
+from llmkit.peft.config import PeftConfig
 from llmkit.tokenizer.config import TokenizerConfig
 from llmkit.train.loop import Trainer, TrainSpec
 from llmkit.train.objectives import CausalLM
+from llmkit.train.runtime import Runtime, sharded_launch
+
+# Methods whose forward hooks fail on sharded parameters, and the launches that shard them (tested on CPU: prefix
+# tuning trains under FSDP as in one process; prompt tuning runs the blocks on its virtual tokens before the forward).
+NOT_SHARDED = {"prompt": ("FSDP", "DeepSpeed ZeRO-3"), "prefix": ("DeepSpeed ZeRO-3",)}
 
 
 def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
+    sharding = sharded_launch()
+    if sharding in NOT_SHARDED.get(cfg.peft.method, ()):
+        elsewhere = " or FSDP (conf/accelerate/fsdp.yaml)" if "FSDP" not in NOT_SHARDED[cfg.peft.method] else ""
+        raise UserError(f"peft={cfg.peft.method} does not run under {sharding}: its hooks use the adapter's weights "
+                        "outside the model's forward, where sharded weights are not gathered. Launch it with DDP "
+                        "(conf/accelerate/ddp.yaml, launcher.num_processes=N), ZeRO-2 (conf/accelerate/deepspeed_zero2"
+                        f".yaml){elsewhere}, or use a module-swap method such as peft=lora")
     runtime, run_dir = start_run("peft", cfg, resolved_yaml)
     base = load_base(cfg, "peft", run_dir)
     model, tokenizer, meta = base.model, base.tokenizer, base.meta
@@ -52,7 +72,8 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     # instruction tuning renders prompts in data.chat_template from now on; corpus tuning keeps the base's
     template = kept_template(cfg.data.chat_template) if cfg.objective == "sft" else meta.get("chat_template")
     base_info = {"checkpoint": str(base.checkpoint), **({"chat_template": template} if template else {})}
-    save_adapter(model, cfg.peft, run_dir / "adapter", base_info)  # the config, now
+    if runtime.is_main:
+        save_adapter(model, cfg.peft, run_dir / "adapter", base_info)  # the config, now
     spec = TrainSpec(
         command="peft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "peft", "kind": "adapter", "chat_template": template,
@@ -62,10 +83,11 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
         files={"tokenizer.json": run_dir / "tokenizer.json", "adapter_config.json": run_dir / "adapter" / "adapter_config.json"},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
-    if runtime.is_main:
-        save_adapter(model, cfg.peft, run_dir / "adapter", {**base_info, "step": result.step})
+    trained = unsharded(model, runtime, cfg.peft, tokenizer)
+    if trained is not None:
+        save_adapter(trained, cfg.peft, run_dir / "adapter", {**base_info, "step": result.step})
         if cfg.merge:
-            merged = write_model_checkpoint(merge_adapter(model), run_dir / "merged", {**spec.meta, "kind": "full",
+            merged = write_model_checkpoint(merge_adapter(trained), run_dir / "merged", {**spec.meta, "kind": "full",
                                                                                         "step": result.step},
                                              run_dir / "tokenizer.json")
             print(f"merged checkpoint: {merged}")
@@ -74,6 +96,26 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
         print(f"adapter: {run_dir / 'adapter'} ({size / 1e3:.1f} kB)")
         print(f"next: llmkit evaluate 'runs=[{shown(base.checkpoint)},{run_dir}]' tasks=[tinyworld_gen]")
     return 0
+
+
+def unsharded(model: Transformer, runtime: Runtime, peft: PeftConfig, tokenizer) -> Transformer | None:
+    """The trained model as one plain module on the main process, None on the others (every process calls this).
+
+    Under FSDP or ZeRO-3 each process holds only shards of the weights: they are gathered (a collective) into a new
+    model of the same structure, which carries the live model's PEFT record (its base fingerprint included).
+    """
+    if not runtime.sharded:
+        return model if runtime.is_main else None
+    full = runtime.full_state_dict(model)  # the main process gets every tensor, tied ones once
+    if not runtime.is_main:
+        return None
+    plain = Transformer(model.cfg)
+    apply_peft(plain, peft, tokenizer)
+    plain.peft_state = peft_state(model)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or set(missing) - runtime.tied:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return plain.train(model.training)
 
 
 def print_summary(model, info) -> None:

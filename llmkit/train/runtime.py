@@ -322,6 +322,15 @@ def fsdp_settings() -> FSDPSettings | None:
                         offload_params=env_flag("FSDP_OFFLOAD_PARAMS"))
 
 
+def sharded_launch() -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when the launch shards the parameters over processes (read from the
+    environment accelerate set), else None: what a command can refuse before anything is written."""
+    if fsdp_settings() is not None:
+        return "FSDP"
+    zero = deepspeed_zero.zero_settings()
+    return "DeepSpeed ZeRO-3" if zero is not None and zero.stage == 3 else None
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Create the accelerator: CPU unless CUDA is present (or asked for), bf16 autocast on GPU by default."""
     from accelerate import Accelerator

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO through `accelerate launch` with the shipped configs, on two CPU processes (gloo): the result of one
 process, exact resume, consolidated weights, the non-finite guard, and clear refusals of mismatched checkpoints.
-Also reward under FSDP beside DPO under ZeRO-3: the pair objectives' held-out statistics when sharded."""
+Also reward under FSDP beside DPO under ZeRO-3: the pair objectives' held-out statistics when sharded; and PEFT under
+both: the adapter and merged weights written after training."""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.commands.test_distributed import FSDP_ARGS as ARGS
 from tests.commands.test_distributed import FSDP_CONFIG, ROOT, accelerate_launch
@@ -82,23 +84,60 @@ def test_a_zero_checkpoint_and_a_plain_one_refuse_to_resume_across(one_process, 
     assert "has no DeepSpeed optimizer shard zero_0.pt" in done.stderr and "init_from" in done.stderr
 
 
-@pytest.mark.parametrize("command, launch", [("reward", "fsdp"), ("dpo", "zero3")])
-def test_pair_objectives_sharded_match_one_process(command, launch, cache_dir, cli, tiny_sft, tmp_path):
-    """Reward (under FSDP) and DPO (under ZeRO-3): held-out accuracy is still collected (a DeepSpeed engine's own
-    `training` flag never changes) and the padding forwards of a sharded evaluation add no pairs."""
-    args = [command, f"tiny/{command}", f"init_from={tiny_sft}", "train.max_steps=8", "train.eval_every=8",
-            "data.tinyworld_validation=120", "logger.tensorboard=false"]  # 15 micro-batches: the second process pads one
+def one_and_sharded(launch: str, args: list[str], cache_dir: Path, cli, tmp_path: Path) -> None:
+    """The same command in one process (out_dir tmp_path/one) and on two under FSDP or ZeRO-3 (tmp_path/sharded)."""
     assert cli(*args, f"out_dir={tmp_path / 'one'}").returncode == 0
     if launch == "fsdp":
         done = accelerate_launch(cache_dir, tmp_path, FSDP_CONFIG, *args, f"out_dir={tmp_path / 'sharded'}")
     else:
         done = zero_launch(cache_dir, tmp_path, 3, *args, f"out_dir={tmp_path / 'sharded'}")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command, launch", [("reward", "fsdp"), ("dpo", "zero3")])
+def test_pair_objectives_sharded_match_one_process(command, launch, cache_dir, cli, tiny_sft, tmp_path):
+    """Reward (under FSDP) and DPO (under ZeRO-3): held-out accuracy is still collected (a DeepSpeed engine's own
+    `training` flag never changes) and the padding forwards of a sharded evaluation add no pairs."""
+    args = [command, f"tiny/{command}", f"init_from={tiny_sft}", "train.max_steps=8", "train.eval_every=8",
+            "data.tinyworld_validation=120", "logger.tensorboard=false"]  # 15 micro-batches: the second process pads one
+    one_and_sharded(launch, args, cache_dir, cli, tmp_path)
     one, sharded = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
                     for name in ("one", "sharded"))
     assert "val_accuracy" in sharded
     for key in ("loss", "val_loss", "val_accuracy", "val_margin", *(("val_nll",) if command == "dpo" else ())):
         assert sharded[key] == pytest.approx(one[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("launch", ["fsdp", "zero3"])
+def test_peft_sharded_saves_the_adapter_and_merged_weights_of_one_process(launch, cache_dir, cli, tiny_run, tmp_path):
+    """The adapter and the merged model written after a sharded LoRA run: gathered from every process's shards
+    (they used to be read from the live model: FSDP crashed there, ZeRO-3 wrote an adapter of empty tensors)."""
+    args = ["peft", "tiny/peft", f"init_from={tiny_run}", "train.max_steps=4", "train.save_every=4", "merge=true",
+            "logger.tensorboard=false"]
+    one_and_sharded(launch, args, cache_dir, cli, tmp_path)
+    for saved in ("adapter/adapter.safetensors", "merged/step_000004/model.safetensors"):
+        one, sharded = (load_file(str(tmp_path / run / saved)) for run in ("one", "sharded"))
+        assert sorted(sharded) == sorted(one), saved
+        for name in one:
+            torch.testing.assert_close(sharded[name], one[name], rtol=0, atol=1e-5)
+    configs = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text()) for run in ("one", "sharded")]
+    assert configs[1]["base_fingerprint"] == configs[0]["base_fingerprint"]
+    assert cli("generate", f"run={tmp_path / 'sharded'}", "prompt=Return the", "sampling.max_new_tokens=4").returncode == 0
+
+
+SHARDING_ENV = {"fsdp": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+                "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}}
+
+
+@pytest.mark.parametrize("method, launch", [("prompt", "fsdp"), ("prompt", "zero3"), ("prefix", "zero3")])
+def test_peft_methods_whose_hooks_fail_sharded_are_refused_before_anything_is_written(method, launch, cli, tiny_run,
+                                                                                       tmp_path):
+    """What accelerate puts in the environment of an FSDP or ZeRO-3 launch: these crashed in the first step."""
+    done = cli("peft", "tiny/peft", f"init_from={tiny_run}", f"peft={method}", f"out_dir={tmp_path / 'run'}",
+               env=SHARDING_ENV[launch])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"peft={method} does not run under" in done.stderr and "conf/accelerate/ddp.yaml" in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_non_finite_guard_under_zero(cache_dir, tmp_path):
