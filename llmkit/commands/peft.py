@@ -24,7 +24,6 @@ from llmkit.data.prepare import prepare_tokens
 from llmkit.errors import UserError
 from llmkit.model.transformer import Transformer, flops_per_token
 from llmkit.peft.apply import (
-    adapter_state_dict,
     apply_peft,
     merge_adapter,
     peft_state,
@@ -79,7 +78,7 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
         meta={**inherited_meta(meta), "command": "peft", "kind": "adapter", "chat_template": template,
               "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
         flops_per_token=partial(flops_per_token, model.cfg, adapter_params=info.trainable_params),
-        saved_tensors=adapter_state_dict,
+        saved_keys=frozenset(peft_state(model).adapter_keys),
         files={"tokenizer.json": run_dir / "tokenizer.json", "adapter_config.json": run_dir / "adapter" / "adapter_config.json"},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()

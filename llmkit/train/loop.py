@@ -70,7 +70,7 @@ class TrainSpec:
     meta: dict[str, Any]  # written into every checkpoint's meta.json (model config, tokenizer, ...)
     flops_per_token: Callable[[int], float] | None = None  # training FLOPs per token at a width T (MFU); None hides it
     files: dict[str, Path] = field(default_factory=dict)  # copied into every checkpoint
-    saved_tensors: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None  # default: all weights
+    saved_keys: frozenset[str] | None = None  # the state-dict names a checkpoint holds (a PEFT adapter's); None: all
 
 
 @dataclass
@@ -190,9 +190,8 @@ class Trainer:
 
     # ----- resume -------------------------------------------------------------------------------
     def _load_weights(self, source: Path) -> None:
-        saved = self.spec.saved_tensors(self.model) if self.spec.saved_tensors else None
         tensors = ckpt.read_tensors(source / ckpt.WEIGHTS)
-        ckpt.load_weights(self.model, tensors, source, strict=saved is None)
+        ckpt.load_weights(self.model, tensors, source, strict=self.spec.saved_keys is None)
 
     def _load_train_state(self, source: Path) -> bool:
         state = ckpt.load_train_state(source / "state.pt")
@@ -228,11 +227,11 @@ class Trainer:
         runtime.barrier()
         final = self.ckpt_root / ckpt.step_dir_name(self.state.step)
         if runtime.is_main:
-            chosen = self.spec.saved_tensors(self.model) if self.spec.saved_tensors else None
-            if full is None:
-                tensors = chosen if chosen is not None else self.model.state_dict()
-            else:  # consolidated full weights (only the chosen names, e.g. a PEFT adapter's)
-                tensors = full if chosen is None else {name: full[name] for name in chosen}
+            # consolidated full weights when sharded (the live model's state_dict would hold shards, and its hooks
+            # can be collectives); only the chosen names, e.g. a PEFT adapter's
+            state = full if full is not None else self.model.state_dict()
+            keys = self.spec.saved_keys
+            tensors = state if keys is None else {name: state[name].detach().contiguous() for name in sorted(keys)}
             train_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "loop": dataclasses.asdict(self.state)}
             meta = {**self.spec.meta, "val_loss": val_loss, "processes": runtime.world_size,

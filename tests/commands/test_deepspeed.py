@@ -108,11 +108,21 @@ def test_pair_objectives_sharded_match_one_process(command, launch, cache_dir, c
         assert sharded[key] == pytest.approx(one[key], abs=1e-4), key
 
 
-@pytest.mark.parametrize("launch", ["fsdp", "zero3"])
-def test_peft_sharded_saves_the_adapter_and_merged_weights_of_one_process(launch, cache_dir, cli, tiny_run, tmp_path):
+@pytest.mark.parametrize("launch, padded", [("fsdp", False), ("zero3", False), ("fsdp", True)],
+                         ids=["fsdp", "zero3", "fsdp-padded-vocab"])
+def test_peft_sharded_saves_the_adapter_and_merged_weights_of_one_process(launch, padded, cache_dir, cli, tiny_run,
+                                                                          tmp_path):
     """The adapter and the merged model written after a sharded LoRA run: gathered from every process's shards
-    (they used to be read from the live model: FSDP crashed there, ZeRO-3 wrote an adapter of empty tensors)."""
-    args = ["peft", "tiny/peft", f"init_from={tiny_run}", "train.max_steps=4", "train.save_every=4", "merge=true",
+    (they used to be read from the live model: FSDP crashed there, ZeRO-3 wrote an adapter of empty tensors).
+    padded: DoRA on a Llama base whose vocabulary 520 is padded to 576, lm_head targeted: its checkpoints used to
+    hang, the main process alone running the padding's state-dict hook, a collective on sharded weights."""
+    base, method = tiny_run, ["peft=lora"]
+    if padded:
+        base = tmp_path / "base"
+        assert cli("pretrain", "tiny/pretrain", "model=tiny_llama", "model.vocab_size=520", "train.max_steps=2",
+                   f"out_dir={base}", "logger.tensorboard=false").returncode == 0
+        method = ["peft=dora", "peft.targets=[q_proj,lm_head]"]
+    args = ["peft", "tiny/peft", f"init_from={base}", *method, "train.max_steps=4", "train.save_every=2", "merge=true",
             "logger.tensorboard=false"]
     one_and_sharded(launch, args, cache_dir, cli, tmp_path)
     for saved in ("adapter/adapter.safetensors", "merged/step_000004/model.safetensors"):
