@@ -258,7 +258,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def merge_adapter(model: Transformer) -> Transformer:
     """A new plain Transformer (standard keys) whose outputs match the adapted model's to fp32 tolerance.
 
-    Its config is the base's, except bias=True when BitFit added biases (the other layers get zero
+    Its config is the base's, except bias=True when BitFit added biases the base lacks (the other layers get zero
     biases) and tie_embeddings=False when an adapted lm_head no longer equals tok_emb."""
     merged_sd = merged_state_dict(model)
     if "lm_head.bias" in merged_sd:
@@ -266,7 +266,9 @@ def merge_adapter(model: Transformer) -> Transformer:
                         "merged; generate and evaluate load the base with its adapter")
     cfg = model.cfg
     tie = cfg.tie_embeddings and torch.equal(merged_sd["lm_head.weight"], merged_sd["tok_emb.weight"])
-    bias = cfg.bias or any(k.endswith(".bias") and k.startswith("blocks.") for k in merged_sd)
+    with torch.device("meta"):  # the base's own keys (Qwen2 style: q/k/v biases), without allocating weights
+        base_keys = set(Transformer(cfg).state_dict())
+    bias = cfg.bias or any(k.endswith(".bias") and k.startswith("blocks.") and k not in base_keys for k in merged_sd)
     weight = model.tok_emb.weight
     merged = Transformer(dataclasses.replace(cfg, bias=bias, tie_embeddings=tie)).to(weight.device, weight.dtype)
     for key, tensor in merged.state_dict().items():

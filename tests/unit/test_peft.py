@@ -196,6 +196,23 @@ def test_merge_gives_a_plain_equivalent_transformer_and_leaves_the_base_bit_exac
         assert merged.cfg == model.cfg
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_merge_keeps_a_qwen2_style_base_with_biases_on_q_k_v_only(method):
+    """Its own q/k/v biases are not BitFit's: a merged LoRA stays bias=False, qkv_bias=True (it used to become an
+    all-bias model, with zero biases everywhere, exported as a Llama); BitFit's new biases still turn bias on."""
+    model = make_base("llama", qkv_bias=True)
+    apply_peft(model, PeftConfig(method=method, targets=["all_linear"]))
+    perturb_adapter(model)
+    merged = merge_adapter(model)
+    x = tokens()
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-5, atol=1e-5)
+    if method == "lora":
+        assert merged.cfg == model.cfg and not merged.cfg.bias and merged.cfg.qkv_bias
+        assert set(merged.state_dict()) == set(make_base("llama", qkv_bias=True).state_dict())
+    else:
+        assert merged.cfg.bias
+
+
 def test_merge_of_an_adapted_tied_lm_head_unties_it():
     model, _ = adapted("gpt2", "lora", targets=["q_proj", "lm_head"])
     perturb_adapter(model)
