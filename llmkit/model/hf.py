@@ -39,7 +39,8 @@ def _rope_settings(hf_config: Any) -> dict[str, Any]:
     """
     params = getattr(hf_config, "rope_parameters", None) or {}
     scaling = getattr(hf_config, "rope_scaling", None) or params
-    theta = float(scaling.get("rope_theta", params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))))
+    theta = _number(scaling, "rope_theta", float, _number(params, "rope_theta", float,
+                                                          getattr(hf_config, "rope_theta", 10000.0)))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3") or scaling.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"HF rope scaling {scaling!r} is not supported; llmkit reads the default, linear and llama3 "
@@ -50,13 +51,21 @@ def _rope_settings(hf_config: Any) -> dict[str, Any]:
     missing = [key for key in needed if key not in scaling]
     if missing:
         raise UserError(f"HF rope scaling {scaling!r} lacks {', '.join(missing)}, which rope type {kind} needs")
-    settings = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(scaling["factor"])}
+    settings = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": _number(scaling, "factor", float)}
     if kind == "llama3":
-        settings |= {"rope_original_context": int(scaling.get("original_max_position_embeddings",
-                                                              hf_config.max_position_embeddings)),
-                     "rope_low_freq_factor": float(scaling["low_freq_factor"]),
-                     "rope_high_freq_factor": float(scaling["high_freq_factor"])}
+        settings |= {"rope_original_context": _number(scaling, "original_max_position_embeddings", int,
+                                                      hf_config.max_position_embeddings),
+                     "rope_low_freq_factor": _number(scaling, "low_freq_factor", float),
+                     "rope_high_freq_factor": _number(scaling, "high_freq_factor", float)}
     return settings
+
+
+def _number(settings: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """settings[key] (or `default` when absent) as int or float; UserError naming the key when it is no number."""
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise UserError(f"HF rope setting {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
@@ -256,8 +265,10 @@ def state_dict_from_hf(hf_state_dict: dict[str, Tensor], cfg: ModelConfig, famil
     expected = set(names.values())
     if family == "gpt2":
         expected |= {f"transformer.h.{i}.attn.c_attn.{p}" for i in range(cfg.n_layer) for p in ("weight", "bias")}
-    # Old GPT-2 checkpoints carry attention-mask buffers (attn.bias, attn.masked_bias): not weights.
-    extra = [k for k in sd if k not in expected and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    # Old checkpoints carry buffers that are not weights: GPT-2's attention masks (attn.bias, attn.masked_bias),
+    # Llama's rotary frequencies (rotary_emb.inv_freq, saved by transformers 4.2x-4.30).
+    buffers = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+    extra = [k for k in sd if k not in expected and not k.endswith(buffers)]
     if extra:
         raise UserError(f"HF {family} weights have keys llmkit cannot map (a different architecture?): {extra[:5]}")
     return {k: v.contiguous() for k, v in out.items()}

@@ -23,6 +23,7 @@ from llmkit.errors import UserError
 from llmkit.model.config import ModelConfig
 from llmkit.model.hf import (
     ARCHITECTURES,
+    FAMILIES,
     config_from_hf,
     family_of,
     family_of_config,
@@ -59,18 +60,48 @@ SPLIT_PROBE = ("It's 2024-11-25; I'VE said: café, naïve, Å\u0301! x  =  f12(y
                "数字123 über—«quotes» 'll 'D \u00a0end   ")
 
 
+# The JSON types of the config.json keys llmkit reads (transformers refuses other types too): a string "false"
+# read as a bool would be true, and 2.0 layers would fail deep inside the model.
+KEY_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "hidden_size",
+                     "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "max_position_embeddings", "sliding_window", "head_dim"), (int,)),
+    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "rope_theta"), (int, float)),
+    **dict.fromkeys(("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "tie_word_embeddings", "attention_bias",
+                     "mlp_bias", "use_sliding_window"), (bool,)),
+    **dict.fromkeys(("activation_function", "hidden_act"), (str,)),
+    **dict.fromkeys(("rope_scaling", "rope_parameters"), (dict,)),
+}
+
+
+def _check_types(path: Path, settings: dict[str, Any]) -> None:
+    """UserError naming the first key of config.json whose value has a type transformers would refuse."""
+    for key, types in KEY_TYPES.items():
+        value = settings.get(key)
+        if value is None or (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
+            continue
+        kind = {(int,): "an integer", (int, float): "a number", (bool,): "true or false", (str,): "a string",
+                (dict,): "an object"}[types]
+        raise UserError(f"{path}: {key} must be {kind} in JSON, got {json.dumps(value)}; fix config.json (transformers "
+                        "refuses it too)")
+
+
 def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
     """Our ModelConfig and the family of an HF model directory's config.json."""
     path = hf_dir / "config.json"
     raw = _json_object(path, f"{hf_dir} has no config.json: pass an HF model directory (save_pretrained's output)")
+    if "model_type" not in raw:
+        raise UserError(f"{path} has no model_type (save_pretrained writes one); llmkit maps model types "
+                        f"{', '.join(FAMILIES)}")
     family = family_of(SimpleNamespace(model_type=raw.get("model_type")))
     defaults = HF_DEFAULTS[family]  # a key left out takes its default; null too, except where null means "none"
     settings = {**defaults, **{k: v for k, v in raw.items() if v is not None or k not in defaults or k in NULL_MEANS}}
+    _check_types(path, settings)
     if family != "gpt2" and settings["num_key_value_heads"] is None:
         settings["num_key_value_heads"] = settings["num_attention_heads"]
     try:
         cfg = config_from_hf(SimpleNamespace(**settings))
-    except (TypeError, ValueError, AttributeError) as error:  # a key of the wrong type, or one we do not default
+    except (TypeError, ValueError, AttributeError, UserError) as error:  # a setting we refuse, or do not default
         raise UserError(f"{path}: {error}") from None
     return dataclasses.replace(cfg, name=hf_dir.resolve().name), family
 
@@ -128,6 +159,11 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise UserError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the model's "
                         f"vocab_size={cfg.vocab_size} in config.json: the tokenizer does not belong to this model")
+    token, top = max(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    if top >= cfg.vocab_size:
+        raise UserError(f"{hf_dir}: tokenizer.json gives {token!r} the id {top}, past the model's vocab_size="
+                        f"{cfg.vocab_size} in config.json (its embeddings have rows 0..{cfg.vocab_size - 1}): fix the "
+                        "token's id, or the tokenizer does not belong to this model")
     special = _json_object(hf_dir / "tokenizer_config.json")
     eos = token_name(special.get("eos_token")) or "<|endoftext|>"
     if tokenizer.token_to_id(eos) is None:

@@ -226,6 +226,13 @@ def _replaced_hint(given: Path) -> str:
             f"on {given} puts it back")
 
 
+def _refuse_hf_directory(given: Path) -> None:
+    """UserError with the import command when `given` is an HF model directory (config.json, no llmkit meta.json)."""
+    if (given / "config.json").is_file() and not (given / "meta.json").is_file():
+        raise UserError(f"{given} is an HF model directory (config.json), not an llmkit checkpoint: import it first, "
+                        f"`python -m llmkit.model.hf_io import {given} <directory>`, then pass <directory>")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint, run directory, `runs/<cmd>/latest`, a directory of checkpoints
     with a `latest` pointer (a run's `checkpoints/`, a PEFT run's `merged/`) or a weights file."""
@@ -234,6 +241,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{given}: refused: weights load only from safetensors (pickle files can run code); "
                         "convert it to a .safetensors file first")
     if given.is_file() and given.suffix == ".safetensors":
+        _refuse_hf_directory(given.parent)
         if not (given.parent / COMPLETE).is_file():
             _check_safetensors_header(given)
             raise UserError(f"{given}: a bare weights file cannot be loaded: llmkit needs the checkpoint directory "
@@ -251,6 +259,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise UserError(f"{given} has no complete checkpoint yet (a run that stopped before its first save?)"
                             f"{_replaced_hint(given)}")
         return found
+    _refuse_hf_directory(given)
     if given.is_dir() and (given / WEIGHTS).exists():
         raise UserError(f"{given} has no {COMPLETE} marker: the checkpoint was not completely written; "
                         "use an earlier checkpoint of the run")

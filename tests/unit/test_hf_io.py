@@ -287,3 +287,52 @@ def test_a_tokenizer_json_with_a_bom_loads(tokenizer, tmp_path):
     (source / "tokenizer.json").write_text("\ufeff" + (source / "tokenizer.json").read_text())
     loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
     assert loaded.tokenizer.encode("def f3(x):").ids == tokenizer.encode("def f3(x):").ids
+
+
+def with_config(source: Path, path: Path, **changes) -> Path:
+    """A copy of the HF directory `source` at `path` with config.json keys changed (None: removed)."""
+    path.mkdir()
+    for file in source.iterdir():
+        (path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return path
+
+
+def test_config_values_of_the_wrong_type_and_token_ids_past_the_vocabulary_are_refused(tokenizer, tmp_path):
+    """A string "false" read as a bool would have tied lm_head to the embeddings (silently other logits); 2.0 layers
+    failed deep in the model; a tokenizer id past vocab_size crashed generation after a clean import."""
+    source = save_hf_dir(hf_model("llama", tokenizer.get_vocab_size()), tokenizer, tmp_path / "hf")
+    for key, value, words in (("tie_word_embeddings", "false", ("true or false", '"false"')),
+                              ("num_hidden_layers", 2.0, ("an integer", "2.0")),
+                              ("rms_norm_eps", "1e-6", ("a number", '"1e-6"')),
+                              ("rope_parameters", {"rope_type": "linear", "factor": "x"}, ("factor", "a number")),
+                              ("model_type", None, ("no model_type",))):
+        bad, out = with_config(source, tmp_path / key, **{key: value}), tmp_path / f"out-{key}"
+        refused(lambda bad=bad, out=out: import_hf(bad, out), str(bad / "config.json"), *words)
+        assert not out.exists()
+    holed = json.loads(tokenizer.to_str())
+    pad = next(t for t in holed["added_tokens"] if t["content"] == "<|pad|>")
+    holed["model"]["vocab"]["<|pad|>"] = pad["id"] = 400  # 320 tokens still, the largest id 400
+    hole = with_config(source, tmp_path / "hole")
+    (hole / "tokenizer.json").write_text(json.dumps(holed))
+    refused(lambda: import_hf(hole, tmp_path / "out-hole"), "'<|pad|>' the id 400", "vocab_size=320")
+
+
+def test_old_llama_checkpoints_with_rotary_buffers_import_and_hf_directories_are_named_where_checkpoints_go(
+        tokenizer, tmp_path):
+    """transformers 4.2x-4.30 saved rotary_emb.inv_freq buffers (not weights); an HF directory given as a checkpoint
+    (run=, init_from=, export) gets the import command instead of "not completely written"."""
+    hf = hf_model("llama", tokenizer.get_vocab_size())
+    source = save_hf_dir(hf, tokenizer, tmp_path / "hf")
+    state = load_file(source / "model.safetensors")
+    state |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(2)}
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    tokens = torch.arange(12).view(1, 12)
+    loaded = load_trained(str(import_hf(source, tmp_path / "imported")))
+    torch.testing.assert_close(logits(loaded.model, tokens), logits(hf, tokens), rtol=1e-4, atol=1e-5)
+    for given in (source, source / "model.safetensors"):
+        refused(lambda given=given: load_trained(str(given)), "is an HF model directory",
+                f"python -m llmkit.model.hf_io import {source}")
+    refused(lambda: export_hf(str(source), tmp_path / "out"), "is an HF model directory")
