@@ -93,6 +93,7 @@ class LoadedModel:
     tokenizer: Any  # tokenizers.Tokenizer
     meta: dict[str, Any]
     checkpoint: Path
+    weights_sha256: str | None = None  # of the checkpoint's weights, where a run records what it started from
 
     @property
     def config(self) -> ModelConfig:
@@ -133,16 +134,32 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> LoadedModel:
 def load_start(init_from: str, default: str, needs: str, run_dir: Path, resume: str) -> LoadedModel:
     """The model a fine-tuning run starts from (`init_from`), with a how-to when the `default` run does not
     exist yet (`needs`: the command that makes it). A resumed run must start from the same checkpoint as before
-    (its frozen base or reference is rebuilt from it), even when `init_from` names a moving `runs/<cmd>/latest`."""
+    (its frozen base or reference is rebuilt from it), even when `init_from` names a moving `runs/<cmd>/latest`;
+    `weights_sha256` is set for the checkpoint meta's base_sha256."""
     if init_from == default and not Path(init_from).exists():
         raise UserError(f"{default} does not exist: run {needs}; or pass init_from=<run or checkpoint>")
     base = load_trained(init_from)
-    previous = ckpt.resume_checkpoint(resume, run_dir / "checkpoints")
-    started = ckpt.read_meta(previous).get("base") if previous is not None else None
-    if started and Path(started).resolve() != base.checkpoint:
-        raise UserError(f"cannot resume {run_dir}: it started from {started} but init_from={init_from} is now "
-                        f"{base.checkpoint}; pass init_from=<the original checkpoint>")
+    base.weights_sha256 = same_start(run_dir, resume, "init_from", init_from, base.checkpoint, "base")
     return base
+
+
+def same_start(run_dir: Path, resume: str, key: str, value: str, checkpoint: Path, meta_key: str) -> str:
+    """The sha256 of the weights `key`=`value` names now (`checkpoint`). A resumed run's checkpoint recorded the
+    checkpoint it started from as meta[meta_key] and its weights' sha256 as meta[meta_key + "_sha256"]: a frozen
+    model (a PEFT base, DPO's and PPO's reference, PPO's reward model) must still be that one, or the resumed run
+    would silently train against another; UserError naming `key` when the path or the weights differ."""
+    digest = ckpt.weights_sha256(checkpoint)
+    previous = ckpt.resume_checkpoint(resume, run_dir / "checkpoints")
+    meta = ckpt.read_meta(previous) if previous is not None else {}
+    started, started_sha = meta.get(meta_key), meta.get(f"{meta_key}_sha256")
+    if started and Path(started).resolve() != checkpoint.resolve():
+        raise UserError(f"cannot resume {run_dir}: it started from {started} but {key}={value} is now "
+                        f"{checkpoint}; pass {key}=<the original checkpoint>")
+    if started_sha and started_sha != digest:
+        raise UserError(f"cannot resume {run_dir}: {key}={value} ({checkpoint}) holds other weights than when the run "
+                        "started (trained again or replaced at the same path since): restore that checkpoint, or "
+                        "start a new run (another out_dir, or train.overwrite=true)")
+    return digest
 
 
 def _is_adapter_dir(path: Path) -> bool:

@@ -76,7 +76,8 @@ def run(cfg: PeftRunConfig, resolved_yaml: str) -> int:
     spec = TrainSpec(
         command="peft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "peft", "kind": "adapter", "chat_template": template,
-              "base": str(base.checkpoint), "model": dataclasses.asdict(model.cfg)},
+              "base": str(base.checkpoint), "base_sha256": base.weights_sha256,
+              "model": dataclasses.asdict(model.cfg)},
         flops_per_token=partial(flops_per_token, model.cfg, adapter_params=info.trainable_params),
         saved_keys=frozenset(peft_state(model).adapter_keys),
         files={"tokenizer.json": run_dir / "tokenizer.json", "adapter_config.json": run_dir / "adapter" / "adapter_config.json"},

@@ -6,13 +6,13 @@ import copy
 
 import torch
 
-from llmkit.commands.common import shown, start_run
+from llmkit.commands.common import same_start, shown, start_run
 from llmkit.commands.reward import load_sft_base, pair_meta
 from llmkit.config.schema_align import PPOConfig
 from llmkit.errors import UserError
 from llmkit.model.heads import ScalarModel, load_scalar_model
 from llmkit.rl.ppo import PPOModels, PPOTrainer
-from llmkit.rl.rewards import build_reward_source
+from llmkit.rl.rewards import ModelReward, build_reward_source
 from llmkit.rl.rollout import load_prompts
 from llmkit.tokenizer.bpe import load_tokenizer
 
@@ -59,6 +59,10 @@ def run(cfg: PPOConfig, resolved_yaml: str) -> int:
               f"{reward.name}; {cfg.rollout.batch_size} responses of <= {cfg.rollout.max_new_tokens} tokens per "
               f"iteration; starting from {shown(base.checkpoint)}; run directory: {run_dir}")
     run_meta = {**pair_meta(base, "ppo", template, base.model.cfg), "reward": reward.name}
+    if isinstance(reward, ModelReward):  # a frozen model the run reads at every iteration: a resume needs the same
+        run_meta |= {"reward_checkpoint": str(reward.checkpoint.resolve()),
+                     "reward_checkpoint_sha256": same_start(run_dir, cfg.train.resume, "reward.model", cfg.reward.model,
+                                                            reward.checkpoint, "reward_checkpoint")}
     trainer = PPOTrainer(cfg, models, reward, tokenizer, prompts, val_prompts, runtime, run_dir, run_meta,
                          {"tokenizer.json": run_dir / "tokenizer.json"})
     checkpoint = trainer.run()

@@ -48,6 +48,7 @@ def pair_meta(base: LoadedModel, command: str, template: str, model_cfg) -> dict
     """Checkpoint meta of a run fine-tuned from `base` on pairs (tokens, template, lineage)."""
     kept = inherited_meta(base.meta)
     return {**kept, "command": command, "model": dataclasses.asdict(model_cfg), "base": str(base.checkpoint.resolve()),
+            "base_sha256": base.weights_sha256,
             "chat_template": kept_template(template)}
 
 

@@ -50,6 +50,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
         command="sft", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=sets.train, val_set=sets.val, run_dir=run_dir,
         meta={**inherited_meta(meta), "command": "sft",
               "model": dataclasses.asdict(model.cfg), "base": str(base.checkpoint),
+              "base_sha256": base.weights_sha256,
               "chat_template": kept_template(cfg.data.chat_template)},
         flops_per_token=partial(flops_per_token, model.cfg),
         files={"tokenizer.json": run_dir / "tokenizer.json"},

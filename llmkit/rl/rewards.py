@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -222,8 +223,9 @@ class RewardSource(Protocol):
 class ModelReward:
     """A trained reward model's score at each sequence's last real token."""
 
-    def __init__(self, model: torch.nn.Module, name: str) -> None:
-        self.model, self.name = model.eval().requires_grad_(False), name
+    def __init__(self, model: torch.nn.Module, checkpoint: Path) -> None:
+        self.model, self.checkpoint = model.eval().requires_grad_(False), checkpoint
+        self.name = f"reward model {checkpoint}"
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor, attention_mask: Tensor, texts: list[str], answers: list[str | None]) -> Tensor:
@@ -253,4 +255,4 @@ def build_reward_source(cfg: RewardSourceConfig, tokenizer, device: torch.device
     if load_tokenizer(checkpoint / "tokenizer.json").get_vocab() != tokenizer.get_vocab():
         raise UserError(f"reward.model={cfg.model} uses a different tokenizer than the policy; train the reward "
                         "model from the same SFT run (llmkit reward init_from=<it>)")
-    return ModelReward(model.to(device), f"reward model {checkpoint}")
+    return ModelReward(model.to(device), checkpoint)

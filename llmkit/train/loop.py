@@ -293,13 +293,17 @@ class Trainer:
         matmul_dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
         peak = measured_peak_flops(runtime.device, matmul_dtype) * runtime.world_size if spec.flops_per_token else 0.0
         self.wrapped.train()
-        stopped_early = False
+        patience = cfg.early_stopping_patience  # a resumed run that had stopped early trains no further, as a finished one
+        stopped_early = patience is not None and self.state.evals_without_improvement >= patience
+        if stopped_early and runtime.is_main:
+            print(f"the run stopped early at step {self.state.step} (no validation improvement in {patience} "
+                  "evaluations): nothing to train; a larger train.early_stopping_patience trains further")
         last_saved: Path | None = ckpt.latest_checkpoint(self.ckpt_root)
         window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         run_start, run_first_step = window_start, self.state.step
         try:
             with GracefulStop() as stop:
-                while self.state.step < cfg.max_steps:
+                while self.state.step < cfg.max_steps and not stopped_early:
                     tokens, flops = self._step()
                     self.state.step += 1
                     step = self.state.step

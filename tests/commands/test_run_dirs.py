@@ -126,6 +126,47 @@ def test_a_sft_run_resumed_after_its_init_from_moved_is_refused(tiny_run, cli, t
     assert (tmp_path / "sft" / "config.yaml").read_text() == config  # max_steps=4 was not written into it
 
 
+def test_a_peft_run_resumed_after_its_base_was_retrained_at_the_same_path_is_refused(cli, tmp_path):
+    """The same init_from and checkpoint path, other weights (train.overwrite with another seed): the frozen base
+    is not in the PEFT run's checkpoints, so resuming used to train the adapter on the new base, silently."""
+    base = ["pretrain", "tiny/pretrain", "out_dir=base", "train.max_steps=2", "logger.tensorboard=false"]
+    peft = ["peft", "tiny/peft", "init_from=base", "out_dir=lora", "train.max_steps=2", "logger.tensorboard=false"]
+    assert cli(*base).returncode == 0 and cli(*peft).returncode == 0
+    assert cli(*peft, "train.resume=auto").returncode == 0  # the same base: a finished run resumes to itself
+    assert cli(*base, "train.overwrite=true", "train.seed=7").returncode == 0
+    before = snapshot(tmp_path / "lora")
+    done = cli(*peft, "train.resume=auto")
+    assert_refused(done, "cannot resume", "init_from=base", "other weights than when the run started")
+    assert snapshot(tmp_path / "lora") == before
+
+
+def test_a_ppo_run_resumed_after_its_reward_run_trained_further_is_refused(tiny_sft, cli, tmp_path):
+    """reward.model names a run: once that run has a newer checkpoint, a resumed PPO run would be scored by it."""
+    reward = ["reward", "tiny/reward", f"init_from={tiny_sft}", "out_dir=rwd", "train.save_every=2",
+              "logger.tensorboard=false"]
+    ppo = ["ppo", "tiny/ppo", f"init_from={tiny_sft}", "reward.model=rwd", "out_dir=ppo", "train.max_steps=1",
+           "logger.tensorboard=false"]
+    assert cli(*reward, "train.max_steps=2").returncode == 0
+    assert cli(*ppo).returncode == 0
+    assert cli(*reward, "train.max_steps=4", "train.resume=auto").returncode == 0
+    done = cli(*ppo, "train.resume=auto")
+    assert_refused(done, "cannot resume", "reward.model=rwd is now", "step_000004", "the original checkpoint")
+
+
+def test_a_resumed_run_that_had_stopped_early_trains_no_further(tiny_run, cli, tmp_path):
+    """As a finished run: re-running the command (or the resume command a late signal printed) used to train on."""
+    sft = ["sft", "tiny/sft", f"init_from={tiny_run}", "out_dir=es", "optim.lr=0.3", "train.eval_every=2",
+           "train.early_stopping_patience=1", "train.save_every=2", "logger.tensorboard=false"]
+    done = cli(*sft)
+    assert done.returncode == 0 and "early stopping at step" in done.stdout, done.stdout
+    before = snapshot(tmp_path / "es")
+    done = cli(*sft, "train.resume=auto")
+    assert done.returncode == 0 and "stopped early at step" in done.stdout and "nothing to train" in done.stdout
+    after = snapshot(tmp_path / "es")
+    assert after.pop("config.yaml") != before.pop("config.yaml")  # train.resume=auto: the one change
+    assert after == before  # the same checkpoints and metrics
+
+
 def test_a_loader_says_where_an_interrupted_overwrite_left_the_old_run(tmp_path):
     from llmkit.train.checkpoint import resolve_checkpoint
 
