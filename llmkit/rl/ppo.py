@@ -21,6 +21,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,9 @@ class PPOTrainer:
                     record = {**exp.stats, **{k: sum(s[k] for s in minibatches) / len(minibatches) for k in minibatches[0]},
                               "lr": self.scheduler.get_last_lr()[0],
                               "update_tokens_per_s": self.cfg.ppo.epochs * exp.rollout.attention_mask.sum().item() / spent}
-                    self.scheduler.step()
+                    with warnings.catch_warnings():  # value warm-up: the policy's schedule runs on without steps
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                        self.scheduler.step()
                     self.value_scheduler.step()
                     self.iteration += 1
                     step = self.iteration
