@@ -64,6 +64,11 @@ def run(cfg: EvaluateConfig, resolved_yaml: str) -> int:
     device = resolve_device(cfg.device)
     overrides = {"num_fewshot": cfg.num_fewshot} if cfg.num_fewshot is not None else None
     tasks = [load_task(name, overrides) for name in cfg.tasks]  # validate every task before any model loads
+    for i, task in enumerate(tasks):
+        earlier = next((other for other in tasks[:i] if other.name == task.name), None)
+        if earlier is not None:  # results are keyed by task name: one would hide the other
+            raise UserError(f"tasks {earlier.path} and {task.path} are both named {task.name!r}: give one of them "
+                            "another name (its name: key), or list each task once")
     results, task_results = [], {}
     for name in cfg.runs:
         loaded = load_trained(name, device)

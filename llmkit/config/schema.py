@@ -280,6 +280,10 @@ class EvaluateConfig:
                "data.* is read with heldout=data (the documents it holds out) or heldout=corpus (all of them); "
                "heldout=run scores each run's own validation split: add heldout=corpus or heldout=data")
         _check(len(self.runs) > 0, "runs must name at least one run or checkpoint")
+        twice = next((run for run in self.runs if self.runs.count(run) > 1), None)
+        _check(twice is None, f"runs names {twice} twice; the table has one column per run: name each run once")
+        _check(self.seq_len is None or self.seq_len > 0, f"seq_len must be positive or null (the model's context), "
+               f"got {self.seq_len}")
         _check(self.perplexity or len(self.tasks) > 0, "nothing to evaluate: set perplexity=true or tasks=[...]")
         _check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         _check(self.max_batches is None or self.max_batches > 0, f"max_batches must be positive, got {self.max_batches}")

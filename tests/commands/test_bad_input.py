@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llmkit.data.prepare import settle_killed_swaps
+from llmkit.eval.tasks import tasks_dir
 
 
 class Payload:
@@ -471,6 +472,13 @@ def test_evaluate_refuses_missing_incomplete_and_too_long(cli, tiny_run, tmp_pat
     assert_refused(cli("evaluate", f"runs=[{tiny_run}]", f"seq_len={2 * block}"), f"seq_len={2 * block}", str(block))
     assert_refused(cli("evaluate", f"runs=[{tiny_run}]", "data=files", "data.path=corpus.txt"),  # heldout=run ignored it
                    "data.* is read with heldout=data", "add heldout=corpus or heldout=data")
+    assert_refused(cli("evaluate", f"runs=[{tiny_run}]", "seq_len=-5"), "seq_len must be positive")  # wrote NaN results
+    # One column per run and rows keyed by task name: a second one of either used to hide the first's results.
+    assert_refused(cli("evaluate", f"runs=[{tiny_run},{tiny_run}]"), f"runs names {tiny_run} twice")
+    task = tmp_path / "copy.yaml"
+    task.write_text((tasks_dir() / "tinyworld_gen.yaml").read_text())
+    assert_refused(cli("evaluate", f"runs=[{tiny_run}]", "perplexity=false", f"tasks=[tinyworld_gen,{task}]"),
+                   "are both named 'tinyworld_gen'", str(task), "name: key")
 
 
 def test_evaluate_output_that_cannot_be_written_is_refused(cli, tiny_run, tmp_path):
