@@ -54,7 +54,7 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
     spec = TrainSpec(
         command="pretrain", model=model, objective=CausalLM(fused=cfg.train.fused_loss), train_set=train_set, val_set=val_set, run_dir=run_dir,
         meta={"command": "pretrain", "model": dataclasses.asdict(cfg.model), "tokens_dir": str(tokens_dir.resolve()),
-              "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
+              **_special_tokens(meta, tokenizer, cfg.tokenizer)},
         flops_per_token=partial(flops_per_token, cfg.model), files={TOKENIZER_FILE: tokens_dir / TOKENIZER_FILE},
     )
     result = Trainer(spec, cfg.train, cfg.optim, cfg.sched, cfg.logger, runtime).run()
@@ -62,6 +62,15 @@ def run(cfg: PretrainConfig, resolved_yaml: str) -> int:
         report_result(result)
         print(f"next: llmkit generate run={run_dir} prompt='Return the'   |   llmkit evaluate runs=[{run_dir}]")
     return 0
+
+
+def _special_tokens(shards_meta: dict, tokenizer, tok_cfg: TokenizerConfig) -> dict[str, str]:
+    """The run's eos and pad tokens: those of the shards it trains on (tokens_dir may come from another tokenizer
+    than the tokenizer.* settings), so that sft, generate and evaluate end and pad sequences as the shards do."""
+    written = shards_meta.get("tokenizer_config") or {}
+    eos = tokenizer.id_to_token(shards_meta["eos_id"]) if "eos_id" in shards_meta else tok_cfg.eos_token
+    pad = written.get("pad_token") or tok_cfg.pad_token
+    return {"eos_token": eos, "pad_token": pad if tokenizer.token_to_id(pad) is not None else eos}
 
 
 # What a model's weights and function do not depend on: anything else must match init_from's model.

@@ -29,6 +29,14 @@ def load_base(cfg: SFTConfig, command: str, run_dir: Path) -> LoadedModel:
                       f"{command}`", run_dir, cfg.train.resume)
 
 
+def _held_out(sets) -> str:
+    """The validation records in the sft summary: how many, and those truncated or dropped among them."""
+    v = sets.val_stats
+    if v is None:
+        return "0 held out"
+    return f"{v.examples} held out ({v.truncated} truncated, {v.dropped} dropped)"
+
+
 def run(cfg: SFTConfig, resolved_yaml: str) -> int:
     runtime, run_dir = start_run("sft", cfg, resolved_yaml)
     base = load_base(cfg, "sft", run_dir)
@@ -43,7 +51,7 @@ def run(cfg: SFTConfig, resolved_yaml: str) -> int:
         (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
         s = sets.stats
         print(f"sft data: {s.examples} examples ({s.trained_tokens} of {s.tokens} tokens trained on; "
-              f"{s.truncated} truncated, {s.dropped} dropped), "
+              f"{s.truncated} truncated, {s.dropped} dropped), {_held_out(sets)}, "
               f"{sets.train.num_examples(0)} {'packed rows' if cfg.data.packing else 'examples'} of <= {seq_len} tokens; "
               f"starting from {shown(base.checkpoint)}; run directory: {run_dir}")
     spec = TrainSpec(

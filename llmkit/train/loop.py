@@ -155,6 +155,15 @@ class Trainer:
             raise SettingsError(f"train.batch_size={cfg.batch_size} must split evenly into processes ({runtime.world_size}) "
                             f"x micro-batches of train.micro_batch_size={cfg.micro_batch_size}")
         self.per_rank = per_rank
+        if spec.val_set is None or spec.val_set.num_examples(0) == 0:
+            fix = ("add data, raise data.val_fraction, give held-out data (data.validation_path, where the command has "
+                   "it) or lower train.seq_len")
+            if cfg.early_stopping_patience is not None:
+                raise SettingsError(f"train.early_stopping_patience needs validation examples, and the held-out split "
+                                    f"is empty: {fix}")
+            if runtime.is_main:
+                print(f"note: no validation examples (the held-out split is empty, or shorter than train.seq_len + 1 "
+                      f"tokens): no val_loss, and no best checkpoint is kept; {fix}")
         self.model = spec.model.to(runtime.device)
         set_activation_checkpointing(self.model, cfg.activation_checkpointing)
         self.grad_clip = optim.grad_clip

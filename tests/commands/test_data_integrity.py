@@ -75,3 +75,34 @@ def test_a_resume_on_edited_data_under_the_same_settings_and_tokenizer_is_refuse
     done = cli(*args, "train.max_steps=2", "train.resume=auto")
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
+
+
+def test_a_run_on_shards_of_another_tokenizer_keeps_their_end_and_padding_tokens(cli, tmp_path):
+    """tokens_dir written with a tokenizer whose specials are </s> and <pad>: the run's checkpoints used to record
+    the default <|endoftext|> / <|pad|> (not in its vocabulary), and a later sft from it failed."""
+    from llmkit.tokenizer.bpe import train_bpe
+
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, "alpha beta gamma {i} delta river cloud", 60)
+    train_bpe(corpus.read_text().split("\n\n"), 300, ["</s>", "<pad>"]).save(str(tmp_path / "own.json"))
+    assert cli("tokenize", "tokenizer=bpe512", "data=files", f"data.path={corpus}", f"tokenizer.path={tmp_path / 'own.json'}",
+               "tokenizer.eos_token='</s>'", "tokenizer.pad_token='<pad>'", "tokenizer.special_tokens=['</s>','<pad>']",
+               "out_dir=tok").returncode == 0
+    assert cli("pretrain", "tiny/pretrain", "tokens_dir=tok", "train.max_steps=1", "out_dir=run").returncode == 0
+    meta = checkpoint_meta(tmp_path / "run")
+    assert (meta["eos_token"], meta["pad_token"]) == ("</s>", "<pad>")
+
+
+def test_an_empty_validation_split_is_said_and_early_stopping_without_one_is_refused(cli, tiny_run, tmp_path):
+    """40 one-line documents: the held-out ones are shorter than a training window, so nothing is validated."""
+    corpus = tmp_path / "small.txt"
+    write_corpus(corpus, "word{i} is here", 40)
+    args = ("pretrain", "tiny/pretrain", "data=files", f"data.path={corpus}", "data.max_documents=null",
+            "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=2", "train.eval_every=1")
+    done = cli(*args, "out_dir=quiet")
+    assert done.returncode == 0 and "note: no validation examples" in done.stdout and "| val_loss" not in done.stdout
+    assert_refused(cli(*args, "train.early_stopping_patience=2", "out_dir=refused"),
+                   "train.early_stopping_patience needs validation examples", "data.val_fraction")
+    assert not (tmp_path / "refused").exists()
+    done = cli("sft", "tiny/sft", f"init_from={tiny_run}", "train.max_steps=1", "out_dir=sft")
+    assert done.returncode == 0 and "40 held out (0 truncated, 0 dropped)" in done.stdout, done.stdout
