@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from llmkit.data.config import CorpusConfig
 from llmkit.data.embedded import cache_dir
 from llmkit.data.shards import META_FILE, ShardStats, write_token_shards
-from llmkit.data.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, iter_documents, list_data_files
+from llmkit.data.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, ReadStats, iter_documents, list_data_files
 from llmkit.errors import UserError
 from llmkit.tokenizer.config import TokenizerConfig
 
@@ -78,11 +78,14 @@ def prepare_tokens(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out_dir: Path
                       TimeElapsedColumn(), console=console, transient=True,
                       disable=not console.is_terminal) as bar:  # piped: no bar, and no blank line where it was
             task = bar.add_task("encode", total=None, docs=0, mb=0.0)
+            read = ReadStats()
             stats = write_token_shards(
-                iter_documents(corpus), tokenizer, tmp, val_fraction=corpus.val_fraction, eos_id=eos_id,
+                iter_documents(corpus, read), tokenizer, tmp, val_fraction=corpus.val_fraction, eos_id=eos_id,
                 on_progress=lambda docs, nbytes: bar.update(task, docs=docs, mb=nbytes / 1e6),
                 extra_meta={"data": dataclasses.asdict(corpus), "tokenizer_config": dataclasses.asdict(tok_cfg)},
             )
+        if read.empty:
+            console.print(f"note: {read.empty} record(s) with empty or blank text skipped")
     return target, stats
 
 

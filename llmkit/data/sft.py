@@ -71,6 +71,8 @@ def _text_field(record: Mapping[str, Any], name: str, key: str, where: str, requ
     """A string field of a record; missing (when required) or non-string values are UserErrors naming the fix."""
     value = record.get(name)
     if value is None:
+        if required and name in record:
+            raise UserError(f"{where}: field '{name}' is null; give it a string, or drop the record")
         if required:
             raise UserError(f"{where}: the record has no field '{name}' (fields: {', '.join(sorted(record)) or 'none'}); "
                             f"fix the record or set data.{key}=<the right field>")

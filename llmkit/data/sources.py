@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip")
 _WS = re.compile(r"\s*")
 _GLOB_CHARS = re.compile(r"[*?[]")
 _BOM = "\ufeff"
@@ -51,6 +52,7 @@ class ReadStats:
     files: int = 0
     documents: int = 0
     replaced: int = 0  # invalid UTF-8 sequences replaced (encoding_errors=replace)
+    empty: int = 0  # documents skipped because their text is empty or blank
     fields: set[str] = field(default_factory=set)
 
 
@@ -93,6 +95,7 @@ def iter_documents(cfg: CorpusConfig, stats: ReadStats | None = None) -> Iterato
         origin = f"hub dataset data.hub_name={cfg.hub_name}"
     for doc in docs:
         if not doc.strip():
+            stats.empty += 1
             continue
         stats.documents += 1
         yield doc
@@ -197,6 +200,14 @@ def list_data_files(path: str | Path, suffixes: Sequence[str], key: str = "data.
             raise UserError(f"{key}={spec}: unsupported file type '{p.suffix}'; expected one of {kinds}")
         return [p]
     if p.is_dir():
+        if (p / "dataset_info.json").is_file() and (p / "state.json").is_file():
+            raise UserError(f"{key}={spec} is a directory written by datasets' save_to_disk, which llmkit does not "
+                            "read: write its rows with ds.to_parquet('<file>.parquet') and point "
+                            f"{key} at that file")
+        compressed = sorted(f.name for f in p.rglob("*") if f.suffix.lower() in COMPRESSED and f.is_file())
+        if compressed:  # skipping them would train on part of the data, silently
+            raise UserError(f"directory {key}={spec} holds compressed files llmkit does not read "
+                            f"({', '.join(compressed[:5])}): decompress them, or move them out of the directory")
         files = sorted(
             f
             for f in p.rglob("*")
@@ -359,7 +370,8 @@ def _json_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Record]
     try:
         top = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        lines = "; it holds one JSON object per line: name it .jsonl" if e.msg == "Extra data" and e.colno == 1 else ""
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}){lines}") from None
     shape = 'a .json file must hold a list of objects, or {"data": [list of objects]}'
     if isinstance(top, dict):
         if not isinstance(top.get("data"), list):

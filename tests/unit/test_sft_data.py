@@ -64,6 +64,8 @@ def test_custom_field_names_and_format_errors():
         record_to_messages({"instruction": "hi"}, strict, "f.jsonl:4")
     with pytest.raises(UserError, match="must be a string"):
         record_to_messages({"instruction": "hi", "output": 5}, strict)
+    with pytest.raises(UserError, match=r"f\.jsonl:5: field 'output' is null; give it a string"):  # not "no field"
+        record_to_messages({"instruction": "hi", "output": None}, strict, "f.jsonl:5")
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -310,3 +310,22 @@ def test_a_record_file_without_records_is_named_not_blamed_on_later_settings(con
     f.write_bytes(content)
     with pytest.raises(UserError, match=r"data\.path=.*empty\.jsonl holds no records"):
         list(iter_records(f, ["prompt"]))
+
+
+def test_what_a_data_directory_or_file_holds_that_would_be_misread_is_refused_or_counted(tmp_path):
+    """A save_to_disk directory (its dataset_info.json was read as records), compressed files in a directory (skipped
+    silently), a JSON-lines file named .json (no hint), and blank records (skipped without a count)."""
+    (tmp_path / "saved").mkdir()
+    for name in ("dataset_info.json", "state.json", "data-00000-of-00001.arrow"):
+        (tmp_path / "saved" / name).write_text("{}")
+    assert "save_to_disk" in fails(tmp_path / "saved") and "to_parquet" in fails(tmp_path / "saved")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.txt").write_text("kept\n")
+    (tmp_path / "mixed" / "b.jsonl.gz").write_bytes(b"\x1f\x8b")
+    assert "compressed files" in fails(tmp_path / "mixed") and "b.jsonl.gz" in fails(tmp_path / "mixed")
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert "lines.json:2" in fails(tmp_path / "lines.json") and "name it .jsonl" in fails(tmp_path / "lines.json")
+    (tmp_path / "blank.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ("one", "", "  ", "two")) + "\n")
+    stats = ReadStats()
+    assert list(iter_documents(CorpusConfig(source="files", path=str(tmp_path / "blank.jsonl")), stats)) == ["one", "two"]
+    assert stats.empty == 2
