@@ -488,7 +488,10 @@ def _parquet_records(
         if name not in schema.names:
             raise UserError(f"{path}: no column '{name}' (columns: {', '.join(schema.names)}); {hint}")
         kind = schema.field(name).type
-        if name in strings and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        text = kind.value_type if pa.types.is_dictionary(kind) else kind  # dictionary: pandas' categorical strings
+        is_view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+        if name in strings and not (pa.types.is_string(text) or pa.types.is_large_string(text)
+                                    or (is_view is not None and is_view(text))):
             raise UserError(f"{path}: column '{name}' holds {kind}, expected strings; {hint}")
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=columns):

@@ -60,6 +60,9 @@ def test_parquet(tmp_path):
     f = tmp_path / "a.parquet"
     pq.write_table(pa.table({"text": ["p1", "p2", "p3"], "n": [1, 2, 3]}), f)
     assert docs(f) == ["p1", "p2", "p3"]
+    categorical = pa.array(["c1", "c2", "c1"]).dictionary_encode()  # what pandas writes for a Categorical column
+    pq.write_table(pa.table({"text": categorical}), f)
+    assert docs(f) == ["c1", "c2", "c1"]
 
 
 def test_directory_glob_order_and_max_documents(tmp_path):
