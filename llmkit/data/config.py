@@ -3,7 +3,7 @@
 Encoding policy (``data.encoding_errors``): local files must be UTF-8. With ``strict`` (the default)
 a byte sequence that is not UTF-8 stops the run with a message naming the file, line and byte
 offset; with ``replace`` each bad sequence becomes U+FFFD and the number replaced is logged per
-file and counted in :class:`llmkit.data.sources.ReadStats`.
+file and counted in :class:`llmkit.data.formats.ReadStats`.
 """
 
 from __future__ import annotations

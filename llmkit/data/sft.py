@@ -188,7 +188,7 @@ def load_sft_records(cfg: SFTDataConfig, split: str) -> list[tuple[str, dict]]:
 def build_sft_examples(records: Iterable[Mapping | tuple[str, Mapping]], tokenizer: Tokenizer, cfg: SFTDataConfig, *,
                        max_length: int | None = None, eos_token: str = EOS_TOKEN) -> tuple[list[SFTExample], SFTStats]:
     """Tokenise records (plain dicts, ``(where, record)`` pairs as from :func:`load_sft_records`, or
-    :class:`llmkit.data.sources.Record`) into examples.
+    :class:`llmkit.data.formats.Record`) into examples.
 
     ``max_length`` (default ``cfg.max_length``) caps the input positions of an example; the
     template, ``loss_on`` and field names come from ``cfg``. Returns the kept examples, in order, and counts.
@@ -199,7 +199,7 @@ def build_sft_examples(records: Iterable[Mapping | tuple[str, Mapping]], tokeniz
     examples: list[SFTExample] = []
     stats = SFTStats()
     for i, item in enumerate(records):
-        if hasattr(item, "where"):  # a llmkit.data.sources.Record
+        if hasattr(item, "where"):  # a llmkit.data.formats.Record
             where, record = item.where, item.data
         else:
             where, record = item if isinstance(item, tuple) else (f"record {i}", item)
